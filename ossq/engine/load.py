@@ -1,0 +1,53 @@
+"""Checkpoint directory or hub id → GptOss on a device.
+
+Buffers are allocated once, directly on the target device, and filled one checkpoint tensor at a time,
+so peak host memory is one tensor. The match between checkpoint names and model buffers is strict:
+formats/hf.py has already failed loudly on a missing or extra tensor or a wrong shape; here a packed
+tensor of the wrong dtype fails too (mlx-lm would load it silently, formats.md §7.21).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from ossq.engine.model import GptOss
+from ossq.engine.ops import TorchOps
+from ossq.errors import CheckpointError
+from ossq.formats.hf import Checkpoint
+
+
+def default_dtype(device: torch.device) -> torch.dtype:
+    """bf16 where it is fast (CUDA); float32 on CPU, where bf16 matmuls are slow and tests want fp32."""
+    return torch.bfloat16 if device.type == "cuda" else torch.float32
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def load_model(path_or_repo: str | Path, *, device: str | torch.device | None = None,
+               dtype: torch.dtype | None = None, ops: TorchOps | None = None) -> tuple[GptOss, Path]:
+    """The model and the resolved checkpoint directory."""
+    device = torch.device(device) if device is not None else default_device()
+    dtype = dtype or default_dtype(device)
+    ckpt = Checkpoint(path_or_repo)
+    try:
+        with torch.device(device):
+            model = GptOss(ckpt.config, ckpt.specs, dtype=dtype, ops=ops)
+        buffers = dict(model.named_buffers())
+        assert set(ckpt.expected) <= set(buffers), "model and checkpoint name sets diverged"
+        for name in ckpt.names():
+            _fill(buffers[name], ckpt.read(name), name)
+    finally:
+        ckpt.close()
+    return model.eval(), ckpt.root
+
+
+def _fill(target: torch.Tensor, source: torch.Tensor, name: str) -> None:
+    if target.dtype.is_floating_point != source.dtype.is_floating_point or (
+        not target.dtype.is_floating_point and target.dtype != source.dtype
+    ):
+        raise CheckpointError(f"tensor {name} has dtype {source.dtype}, expected {target.dtype}")
+    target.copy_(source)

@@ -1,0 +1,244 @@
+"""Reading gpt-oss checkpoints: the published Hugging Face layout, transformers' bf16 layout, and the MLX
+layout, all presented under MLX tensor names (formats/mlx.py), lazily, one tensor or one expert at a time.
+
+Layouts (shared spec formats.md §2.3, §4.2, offline.md §2):
+- `hf-mxfp4`: the published checkpoint. Experts as `gate_up_proj_blocks/_scales/_bias` (gate = even rows,
+  up = odd rows) and `down_proj_*`; zero-based shard names, read through the index.
+- `hf-bf16`: what transformers' `save_pretrained` writes: `experts.gate_up_proj` (E, C, 2I) with the
+  interleave on the last axis, `down_proj` (E, I, C), no `.weight` suffix.
+- `mlx`: already split (`experts.gate_proj.weight` …), possibly quantized per config["quantization"].
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import struct
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+
+from ossq.config import ModelConfig, read_config_json
+from ossq.errors import CheckpointError
+from ossq.formats.mlx import QuantSpec, expected_tensors, linear_modules, specs_from_config
+from ossq.quant import mxfp4
+
+INDEX_FILE = "model.safetensors.index.json"
+HUB_PATTERNS = ["*.json", "*.safetensors", "*.jinja", "*.txt"]
+_DTYPE_BYTES = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "I16": 2, "U16": 2, "F16": 2, "BF16": 2,
+                "I32": 4, "U32": 4, "F32": 4, "I64": 8, "U64": 8, "F64": 8}
+MXFP4_EXPERTS = QuantSpec(bits=4, group_size=32, mode="mxfp4")
+
+
+def resolve(path_or_repo: str | Path) -> Path:
+    """A local checkpoint directory, or a hub id downloaded with huggingface_hub (config, weights and
+    tokenizer only: the `original/` and `metal/` copies are skipped)."""
+    path = Path(path_or_repo).expanduser()
+    if path.is_dir():
+        return path
+    if path.exists():
+        raise CheckpointError(f"{path} is a file; pass the checkpoint directory that holds config.json")
+    if not re.fullmatch(r"[\w.-]+/[\w.-]+", str(path_or_repo)):
+        raise CheckpointError(f"{path_or_repo}: no such directory (and not a hub id like 'openai/gpt-oss-20b')")
+    return _download(str(path_or_repo))
+
+
+def _download(repo: str) -> Path:
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(repo, allow_patterns=HUB_PATTERNS))
+    except Exception as e:  # the hub client raises many types; all mean "not available here"
+        raise CheckpointError(
+            f"could not download {repo!r} from the Hugging Face hub ({type(e).__name__}); "
+            "if this machine is offline, download the checkpoint elsewhere and pass its local directory"
+        ) from None
+
+
+def _header(path: Path) -> dict[str, Any]:
+    """The safetensors header, checked against the file size so a truncated shard fails here, by name."""
+    size = path.stat().st_size
+    with path.open("rb") as f:
+        raw = f.read(8)
+        if len(raw) < 8:
+            raise CheckpointError(f"{path.name}: truncated safetensors file ({size} bytes)")
+        (n,) = struct.unpack("<Q", raw)
+        if n > size - 8:
+            raise CheckpointError(f"{path.name}: truncated safetensors file (header of {n} bytes, file {size})")
+        try:
+            header = json.loads(f.read(n))
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raise CheckpointError(f"{path.name}: corrupt safetensors header") from None
+    header.pop("__metadata__", None)
+    end = max((int(t["data_offsets"][1]) for t in header.values()), default=0)
+    if 8 + n + end > size:
+        raise CheckpointError(
+            f"{path.name}: truncated safetensors file ({size} bytes, its header needs {8 + n + end})")
+    return header
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    shard: Path
+    shape: tuple[int, ...]
+    dtype: str
+
+
+class SafetensorsFiles:
+    """All tensors of a checkpoint directory by file key, read lazily (a whole tensor or one leading-axis
+    slice at a time). Shards come from the index when there is one, else from `model*.safetensors`."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.tensors: dict[str, TensorInfo] = {}
+        for shard in self._shards():
+            for key, t in _header(shard).items():
+                self.tensors[key] = TensorInfo(shard, tuple(t["shape"]), t["dtype"])
+        self._open: dict[Path, Any] = {}
+
+    def _shards(self) -> list[Path]:
+        index = self.root / INDEX_FILE
+        if index.exists():
+            try:
+                names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+            except (json.JSONDecodeError, KeyError, AttributeError):
+                raise CheckpointError(f"{index}: not a valid safetensors index") from None
+            missing = [n for n in names if not (self.root / n).is_file()]
+            if missing:
+                raise CheckpointError(f"{self.root}: missing shard {missing[0]} named in {INDEX_FILE}")
+            return [self.root / n for n in names]
+        shards = sorted(self.root.glob("model*.safetensors"))
+        if not shards:
+            raise CheckpointError(f"{self.root}: no model*.safetensors files")
+        return shards
+
+    def read(self, key: str, index: int | None = None) -> torch.Tensor:
+        """The tensor `key`, or its `index`-th slice along the first axis."""
+        info = self.tensors[key]
+        handle = self._open.get(info.shard)
+        if handle is None:
+            handle = self._open[info.shard] = safe_open(str(info.shard), framework="pt")
+        if index is None:
+            return handle.get_tensor(key)
+        return handle.get_slice(key)[index : index + 1][0]
+
+    def close(self) -> None:
+        self._open.clear()
+
+
+Reader = Callable[[int | None], torch.Tensor]
+
+
+class Checkpoint:
+    """A gpt-oss checkpoint seen through MLX names: `reader(name)(expert)` returns one tensor (or one
+    expert's slice of it) as the MLX layout stores it; `specs` says how each module is stored."""
+
+    def __init__(self, path_or_repo: str | Path) -> None:
+        self.root = resolve(path_or_repo)
+        self.raw_config = read_config_json(self.root / "config.json")
+        self.config = ModelConfig.from_dict(self.raw_config)
+        self.files = SafetensorsFiles(self.root)
+        keys = set(self.files.tensors)
+        self.layout = self._detect_layout()
+        self.readers = self._mlx_readers() if self.layout == "mlx" else self._hf_readers()
+        self.specs = self._specs(keys)
+        self._check_names()
+
+    def _detect_layout(self) -> str:
+        """transformers 5 saves a dequantized MXFP4 model with float tensors under the `_blocks` names, in
+        its in-memory (E, in, out) layout: that is the bf16 layout too."""
+        for key, info in self.files.tensors.items():
+            if key.endswith("experts.gate_up_proj_blocks"):
+                return "hf-mxfp4" if info.dtype == "U8" else "hf-bf16"
+            if key.endswith("experts.gate_up_proj"):
+                return "hf-bf16"
+        return "mlx"
+
+    # ---- layout mapping ------------------------------------------------------------------------------
+    def _mlx_readers(self) -> dict[str, Reader]:
+        return {key: (lambda e, key=key: self.files.read(key, e)) for key in self.files.tensors}
+
+    def _hf_readers(self) -> dict[str, Reader]:
+        readers: dict[str, Reader] = {}
+        for key in self.files.tensors:
+            m = re.fullmatch(r"(.*\.experts)\.(gate_up_proj|down_proj)(_blocks|_scales|_bias|)", key)
+            if m is None:
+                readers[key] = lambda e, key=key: self.files.read(key, e)
+            else:
+                readers.update(self._expert_readers(key, m.group(1), m.group(2), m.group(3)))
+        return readers
+
+    def _expert_readers(self, key: str, prefix: str, proj: str, part: str) -> dict[str, Reader]:
+        read = self.files.read
+        if self.layout == "hf-bf16" and part == "_blocks":
+            part = ""
+        suffix = {"_blocks": "weight", "_scales": "scales", "_bias": "bias", "": "weight"}[part]
+        if part == "_blocks":
+            def fix(t: torch.Tensor) -> torch.Tensor:  # (…, R, nb, 16) u8 → (…, R, nb·4) u32, same bytes
+                return mxfp4.blocks_to_mlx(t)
+        elif part == "":
+            def fix(t: torch.Tensor) -> torch.Tensor:  # transformers' (…, in, out) → MLX (…, out, in)
+                return t.transpose(-1, -2)
+        else:
+            def fix(t: torch.Tensor) -> torch.Tensor:
+                return t
+        if proj == "down_proj":
+            return {f"{prefix}.down_proj.{suffix}": lambda e: fix(read(key, e)).contiguous()}
+        # Gate/up interleave: even rows are gate, odd rows up (on the last axis in transformers' layout,
+        # which `fix` has already moved to the row axis).
+        axis = -1 if part == "_bias" else -2
+        return {
+            f"{prefix}.gate_proj.{suffix}": lambda e: _rows(fix(read(key, e)), 0, axis),
+            f"{prefix}.up_proj.{suffix}": lambda e: _rows(fix(read(key, e)), 1, axis),
+        }
+
+    def _specs(self, keys: set[str]) -> dict[str, QuantSpec | None]:
+        if self.layout == "mlx":
+            quant = self.raw_config.get("quantization")
+            if quant is None and isinstance(self.raw_config.get("quantization_config"), dict) \
+                    and "bits" in self.raw_config["quantization_config"]:
+                quant = self.raw_config["quantization_config"]
+            return specs_from_config(quant, self.config, set(self.readers))
+        specs: dict[str, QuantSpec | None] = {m.path: None for m in linear_modules(self.config)}
+        if self.layout == "hf-mxfp4":
+            for m in linear_modules(self.config):
+                if m.experts:
+                    specs[m.path] = MXFP4_EXPERTS
+        return specs
+
+    def _check_names(self) -> None:
+        expected = expected_tensors(self.config, self.specs)
+        missing = sorted(set(expected) - set(self.readers))
+        if missing:
+            raise CheckpointError(f"{self.root}: tensor {missing[0]} is missing ({len(missing)} missing in all)")
+        extra = sorted(set(self.readers) - set(expected))
+        if extra:
+            raise CheckpointError(f"{self.root}: unexpected tensor {extra[0]} ({len(extra)} extra in all); "
+                                  "the config and the weights disagree")
+        self.expected = expected
+
+    # ---- reading -------------------------------------------------------------------------------------
+    def names(self) -> Iterator[str]:
+        """MLX names in mlx-lm's module order (formats.md §2.2)."""
+        return iter(self.expected)
+
+    def read(self, name: str, expert: int | None = None) -> torch.Tensor:
+        t = self.readers[name](expert)
+        want = self.expected[name][1:] if expert is not None else self.expected[name]
+        if tuple(t.shape) != tuple(want):
+            where = f"{name}[{expert}]" if expert is not None else name
+            raise CheckpointError(f"{self.root}: tensor {where} has shape {tuple(t.shape)}, expected {tuple(want)}")
+        return t
+
+    def close(self) -> None:
+        self.files.close()
+
+
+def _rows(t: torch.Tensor, start: int, axis: int) -> torch.Tensor:
+    index = [slice(None)] * t.dim()
+    index[axis] = slice(start, None, 2)
+    return t[tuple(index)].contiguous()

@@ -1,0 +1,147 @@
+"""Synthetic gpt-oss checkpoints in the exact published Hugging Face layout.
+
+No weights can be downloaded in CI (and users may want to test a pipeline before a 13 GB download), so
+ossq writes its own: config.json and generation_config.json as published, zero-based safetensors shards
+with an index, experts as MXFP4 `*_blocks`/`*_scales` + bf16 `*_bias`, everything else bf16, and an
+o200k_harmony tokenizer.json. Weights are random but scaled (≈ 1/√fan-in) so activations stay finite and
+O(1) through every layer; the expert codes and E8M0 scales are drawn directly, which makes full-size
+presets quick to produce. Written to a temp dir and renamed only when complete.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from ossq.config import ModelConfig, preset
+from ossq.errors import OssqError
+from ossq.formats.hf import INDEX_FILE
+from ossq.formats.mlx import layer_prefix
+from ossq.tokenizer import write_tokenizer_files
+
+MAX_SHARD_BYTES = 5 * 10**9
+E2M1_RMS = math.sqrt(sum(v * v for v in (0, 0.5, 1, 1.5, 2, 3, 4, 6)) / 8)  # of a uniformly random code
+
+
+def hf_config_dict(config: ModelConfig) -> dict:
+    """config.json as the published checkpoint has it (formats.md §4.4)."""
+    d = config.to_dict()
+    d["eos_token_id"] = config.eos_token_id[0]
+    d["quantization_config"] = {
+        "modules_to_not_convert": ["model.layers.*.self_attn", "model.layers.*.mlp.router",
+                                   "model.embed_tokens", "lm_head"],
+        "quant_method": "mxfp4",
+    }
+    d["transformers_version"] = "4.55.0.dev0"
+    return d
+
+
+def generation_config_dict(config: ModelConfig) -> dict:
+    return {"bos_token_id": config.bos_token_id, "do_sample": True, "eos_token_id": list(config.eos_token_id),
+            "pad_token_id": config.pad_token_id, "transformers_version": "4.55.0.dev0"}
+
+
+class _Draw:
+    """Seeded random tensors, drawn on `device` (fast on a GPU) and returned on the CPU."""
+
+    def __init__(self, seed: int, device: str) -> None:
+        self.device = device
+        self.gen = torch.Generator(device=device).manual_seed(seed)
+
+    def normal(self, *shape: int, std: float, mean: float = 0.0) -> torch.Tensor:
+        t = torch.randn(*shape, generator=self.gen, device=self.device) * std + mean
+        return t.to(torch.bfloat16).cpu()
+
+    def mxfp4(self, *shape: int, std: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """(blocks (…, nb, 16) u8, scales (…, nb) u8) whose decoded values have about `std` RMS."""
+        *lead, n = shape
+        blocks = torch.randint(0, 256, (*lead, n // 32, 16), generator=self.gen, device=self.device,
+                               dtype=torch.uint8)
+        center = round(127 + math.log2(std / E2M1_RMS))
+        scales = torch.randint(center - 1, center + 2, (*lead, n // 32), generator=self.gen, device=self.device,
+                               dtype=torch.uint8)
+        return blocks.cpu(), scales.cpu()
+
+
+def _tensors(config: ModelConfig, draw: _Draw) -> Iterator[tuple[str, torch.Tensor]]:
+    c = config
+    C, I, E, D = c.hidden_size, c.intermediate_size, c.num_local_experts, c.head_dim
+    yield "model.embed_tokens.weight", draw.normal(c.vocab_size, C, std=1.0)
+    for i in range(c.num_hidden_layers):
+        p = layer_prefix(i)
+        yield f"{p}.input_layernorm.weight", draw.normal(C, std=0.1, mean=1.0)
+        yield f"{p}.post_attention_layernorm.weight", draw.normal(C, std=0.1, mean=1.0)
+        for name, rows, cols in (("q_proj", c.num_attention_heads * D, C), ("k_proj", c.num_key_value_heads * D, C),
+                                 ("v_proj", c.num_key_value_heads * D, C), ("o_proj", C, c.num_attention_heads * D)):
+            yield f"{p}.self_attn.{name}.weight", draw.normal(rows, cols, std=cols**-0.5)
+            yield f"{p}.self_attn.{name}.bias", draw.normal(rows, std=0.05)
+        yield f"{p}.self_attn.sinks", draw.normal(c.num_attention_heads, std=1.0)
+        yield f"{p}.mlp.router.weight", draw.normal(E, C, std=C**-0.5)
+        yield f"{p}.mlp.router.bias", draw.normal(E, std=0.1)
+        for name, rows, cols in (("gate_up_proj", 2 * I, C), ("down_proj", C, I)):
+            blocks, scales = draw.mxfp4(E, rows, cols, std=cols**-0.5)
+            yield f"{p}.mlp.experts.{name}_blocks", blocks
+            yield f"{p}.mlp.experts.{name}_scales", scales
+            yield f"{p}.mlp.experts.{name}_bias", draw.normal(E, rows, std=0.05)
+    yield "model.norm.weight", draw.normal(C, std=0.1, mean=1.0)
+    yield "lm_head.weight", draw.normal(c.vocab_size, C, std=C**-0.5)
+
+
+def _write_shards(tensors: Iterator[tuple[str, torch.Tensor]], out: Path, max_shard_bytes: int) -> None:
+    """Zero-based shard names whose "of" number is count − 1, as the published checkpoints have them.
+    Holds at most one shard's tensors in memory."""
+    groups: list[list[str]] = []
+    current: dict[str, torch.Tensor] = {}
+    size = total = 0
+    for name, t in tensors:
+        n = t.numel() * t.element_size()
+        if current and size + n > max_shard_bytes:
+            _flush(current, groups, out)
+            size = 0
+        current[name] = t
+        size += n
+        total += n
+    _flush(current, groups, out)
+    weight_map = {}
+    for i, names in enumerate(groups):
+        final = f"model-{i:05d}-of-{len(groups) - 1:05d}.safetensors"
+        (out / f"shard-{i}.tmp").rename(out / final)
+        weight_map.update(dict.fromkeys(names, final))
+    index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+    (out / INDEX_FILE).write_text(json.dumps(index, indent=2))
+
+
+def _flush(current: dict[str, torch.Tensor], groups: list[list[str]], out: Path) -> None:
+    save_file(current, str(out / f"shard-{len(groups)}.tmp"), metadata={"format": "pt"})
+    groups.append(list(current))
+    current.clear()
+
+
+def synthesize(out: str | Path, *, config: ModelConfig | str = "tiny", seed: int = 0, device: str = "cpu",
+               max_shard_bytes: int = MAX_SHARD_BYTES, overwrite: bool = False) -> Path:
+    """Write a random gpt-oss checkpoint in the published layout to `out` and return its path."""
+    config = preset(config) if isinstance(config, str) else config
+    out = Path(out)
+    if out.exists() and not overwrite:
+        raise OssqError(f"{out} already exists; choose another path or pass overwrite (--force)")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        _write_shards(_tensors(config, _Draw(seed, device)), tmp, max_shard_bytes)
+        (tmp / "config.json").write_text(json.dumps(hf_config_dict(config), indent=2))
+        (tmp / "generation_config.json").write_text(json.dumps(generation_config_dict(config), indent=2))
+        write_tokenizer_files(tmp)
+        if out.exists():
+            shutil.rmtree(out)
+        tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out

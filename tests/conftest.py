@@ -1,0 +1,36 @@
+"""Shared fixtures: tiny synthetic checkpoints, made once per test session."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+from ossq.config import PRESETS, ModelConfig
+
+
+def small_config(**overrides) -> ModelConfig:
+    """The tiny preset with a small vocabulary, for tests that need no tokenizer."""
+    if "num_hidden_layers" in overrides:
+        overrides.setdefault("layer_types", ())  # re-derive the alternation for the new depth
+    overrides.setdefault("vocab_size", 512)
+    if overrides["vocab_size"] <= 199999:
+        overrides.update(pad_token_id=None, bos_token_id=None)  # the special ids lie outside a small vocabulary
+    return dataclasses.replace(PRESETS["tiny"], **overrides)
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory):
+    """A tiny gpt-oss in the published HF layout (MXFP4 experts, 3 zero-based shards, real tokenizer)."""
+    from ossq.synth import synthesize
+
+    return synthesize(tmp_path_factory.mktemp("ckpt") / "tiny", config="tiny", seed=0, max_shard_bytes=20_000_000)
+
+
+@pytest.fixture(scope="session")
+def small_checkpoint(tmp_path_factory):
+    """Like tiny_checkpoint but with a 512-token vocabulary: quick to load and to compare."""
+    from ossq.synth import synthesize
+
+    return synthesize(tmp_path_factory.mktemp("ckpt") / "small", config=small_config(), seed=1,
+                      max_shard_bytes=200_000)
