@@ -39,7 +39,9 @@ class RopeScaling:
     def from_dict(cls, d: dict[str, Any]) -> RopeScaling:
         rope_type = d.get("rope_type", d.get("type", "yarn"))
         if rope_type != "yarn":
-            raise ConfigError(f"config.json: rope_scaling.rope_type {rope_type!r} is not supported (gpt-oss uses 'yarn')")
+            raise ConfigError(
+                f"config.json: rope_scaling.rope_type {rope_type!r} is not supported (gpt-oss uses 'yarn')"
+            )
         try:
             return cls(
                 factor=float(d["factor"]),
@@ -53,7 +55,6 @@ class RopeScaling:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
-
 
 
 @dataclass(frozen=True)
@@ -88,9 +89,19 @@ class ModelConfig:
         self._validate()
 
     def _validate(self) -> None:
-        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-                     "num_key_value_heads", "head_dim", "num_local_experts", "num_experts_per_tok",
-                     "sliding_window", "max_position_embeddings"):
+        for name in (
+            "vocab_size",
+            "hidden_size",
+            "intermediate_size",
+            "num_hidden_layers",
+            "num_attention_heads",
+            "num_key_value_heads",
+            "head_dim",
+            "num_local_experts",
+            "num_experts_per_tok",
+            "sliding_window",
+            "max_position_embeddings",
+        ):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                 raise ConfigError(f"config.json: {name} must be a positive integer, got {value!r}")
@@ -180,9 +191,18 @@ class ModelConfig:
         d["initial_context_length"] = (
             self.rope_scaling.original_max_position_embeddings if self.rope_scaling else self.max_position_embeddings
         )
-        d.update(architectures=[ARCHITECTURE], model_type=MODEL_TYPE, attention_bias=True, attention_dropout=0.0,
-                 hidden_act="silu", tie_word_embeddings=False, output_router_logits=False,
-                 router_aux_loss_coef=0.9, initializer_range=0.02, use_cache=True)
+        d.update(
+            architectures=[ARCHITECTURE],
+            model_type=MODEL_TYPE,
+            attention_bias=True,
+            attention_dropout=0.0,
+            hidden_act="silu",
+            tie_word_embeddings=False,
+            output_router_logits=False,
+            router_aux_loss_coef=0.9,
+            initializer_range=0.02,
+            use_cache=True,
+        )
         return dict(sorted(d.items()))
 
 
@@ -194,8 +214,16 @@ PRESETS: dict[str, ModelConfig] = {
     # (original context 64, so test positions run past it). The vocabulary stays real so the real
     # tokenizer can drive it.
     "tiny": ModelConfig(
-        hidden_size=64, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
-        head_dim=16, num_local_experts=4, num_experts_per_tok=2, sliding_window=8, max_position_embeddings=4096,
+        hidden_size=64,
+        intermediate_size=64,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        num_local_experts=4,
+        num_experts_per_tok=2,
+        sliding_window=8,
+        max_position_embeddings=4096,
         rope_scaling=RopeScaling(original_max_position_embeddings=64),
     ),
 }

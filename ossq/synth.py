@@ -35,8 +35,12 @@ def hf_config_dict(config: ModelConfig) -> dict:
     d = config.to_dict()
     d["eos_token_id"] = config.eos_token_id[0]
     d["quantization_config"] = {
-        "modules_to_not_convert": ["model.layers.*.self_attn", "model.layers.*.mlp.router",
-                                   "model.embed_tokens", "lm_head"],
+        "modules_to_not_convert": [
+            "model.layers.*.self_attn",
+            "model.layers.*.mlp.router",
+            "model.embed_tokens",
+            "lm_head",
+        ],
         "quant_method": "mxfp4",
     }
     d["transformers_version"] = "4.55.0.dev0"
@@ -44,8 +48,13 @@ def hf_config_dict(config: ModelConfig) -> dict:
 
 
 def generation_config_dict(config: ModelConfig) -> dict:
-    return {"bos_token_id": config.bos_token_id, "do_sample": True, "eos_token_id": list(config.eos_token_id),
-            "pad_token_id": config.pad_token_id, "transformers_version": "4.55.0.dev0"}
+    return {
+        "bos_token_id": config.bos_token_id,
+        "do_sample": True,
+        "eos_token_id": list(config.eos_token_id),
+        "pad_token_id": config.pad_token_id,
+        "transformers_version": "4.55.0.dev0",
+    }
 
 
 class _Draw:
@@ -62,11 +71,11 @@ class _Draw:
     def mxfp4(self, *shape: int, std: float) -> tuple[torch.Tensor, torch.Tensor]:
         """(blocks (…, nb, 16) u8, scales (…, nb) u8) whose decoded values have about `std` RMS."""
         *lead, n = shape
-        blocks = torch.randint(0, 256, (*lead, n // 32, 16), generator=self.gen, device=self.device,
-                               dtype=torch.uint8)
+        blocks = torch.randint(0, 256, (*lead, n // 32, 16), generator=self.gen, device=self.device, dtype=torch.uint8)
         center = round(127 + math.log2(std / E2M1_RMS))
-        scales = torch.randint(center - 1, center + 2, (*lead, n // 32), generator=self.gen, device=self.device,
-                               dtype=torch.uint8)
+        scales = torch.randint(
+            center - 1, center + 2, (*lead, n // 32), generator=self.gen, device=self.device, dtype=torch.uint8
+        )
         return blocks.cpu(), scales.cpu()
 
 
@@ -78,8 +87,12 @@ def _tensors(config: ModelConfig, draw: _Draw) -> Iterator[tuple[str, torch.Tens
         p = layer_prefix(i)
         yield f"{p}.input_layernorm.weight", draw.normal(C, std=0.1, mean=1.0)
         yield f"{p}.post_attention_layernorm.weight", draw.normal(C, std=0.1, mean=1.0)
-        for name, rows, cols in (("q_proj", c.num_attention_heads * D, C), ("k_proj", c.num_key_value_heads * D, C),
-                                 ("v_proj", c.num_key_value_heads * D, C), ("o_proj", C, c.num_attention_heads * D)):
+        for name, rows, cols in (
+            ("q_proj", c.num_attention_heads * D, C),
+            ("k_proj", c.num_key_value_heads * D, C),
+            ("v_proj", c.num_key_value_heads * D, C),
+            ("o_proj", C, c.num_attention_heads * D),
+        ):
             yield f"{p}.self_attn.{name}.weight", draw.normal(rows, cols, std=cols**-0.5)
             yield f"{p}.self_attn.{name}.bias", draw.normal(rows, std=0.05)
         yield f"{p}.self_attn.sinks", draw.normal(c.num_attention_heads, std=1.0)
@@ -124,8 +137,15 @@ def _flush(current: dict[str, torch.Tensor], groups: list[list[str]], out: Path)
     current.clear()
 
 
-def synthesize(out: str | Path, *, config: ModelConfig | str = "tiny", seed: int = 0, device: str = "cpu",
-               max_shard_bytes: int = MAX_SHARD_BYTES, overwrite: bool = False) -> Path:
+def synthesize(
+    out: str | Path,
+    *,
+    config: ModelConfig | str = "tiny",
+    seed: int = 0,
+    device: str = "cpu",
+    max_shard_bytes: int = MAX_SHARD_BYTES,
+    overwrite: bool = False,
+) -> Path:
     """Write a random gpt-oss checkpoint in the published layout to `out` and return its path."""
     config = preset(config) if isinstance(config, str) else config
     out = Path(out)

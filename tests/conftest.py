@@ -3,10 +3,17 @@
 from __future__ import annotations
 
 import dataclasses
+import os
+import tempfile
 
 import pytest
 
 from ossq.config import PRESETS, ModelConfig
+
+
+def pytest_configure(config):
+    # Hermetic: the tokenizer/ranks cache goes to a fresh directory, never the user's ~/.cache.
+    os.environ.setdefault("OSSQ_CACHE", tempfile.mkdtemp(prefix="ossq-test-cache-"))
 
 
 def small_config(**overrides) -> ModelConfig:
@@ -32,5 +39,4 @@ def small_checkpoint(tmp_path_factory):
     """Like tiny_checkpoint but with a 512-token vocabulary: quick to load and to compare."""
     from ossq.synth import synthesize
 
-    return synthesize(tmp_path_factory.mktemp("ckpt") / "small", config=small_config(), seed=1,
-                      max_shard_bytes=200_000)
+    return synthesize(tmp_path_factory.mktemp("ckpt") / "small", config=small_config(), seed=1, max_shard_bytes=200_000)

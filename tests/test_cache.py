@@ -71,7 +71,7 @@ def test_windowed_layers_do_not_grow_with_context(model):
     small = model.make_cache(max_tokens=100, chunk=16)
     large = model.make_cache(max_tokens=10_000, chunk=16)
     window = model.config.sliding_window
-    for i, (a, b) in enumerate(zip(small.layers, large.layers)):
+    for i, (a, b) in enumerate(zip(small.layers, large.layers, strict=True)):
         if model.config.window(i):
             assert a.k.shape == b.k.shape and a.k.shape[1] == window + 16 - 1
         else:

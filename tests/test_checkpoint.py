@@ -75,9 +75,12 @@ def test_transformers_bf16_layout_loads_to_identical_weights(small_checkpoint, t
 def test_mlx_layout_written_by_mlx_lm_loads_to_identical_weights(small_checkpoint, tmp_path):
     pytest.importorskip("mlx_lm")
     out = tmp_path / "mlx"
-    subprocess.run([sys.executable, "-m", "mlx_lm", "convert", "--hf-path", str(small_checkpoint),
-                    "--mlx-path", str(out)], check=True, capture_output=True, env={"HF_HUB_OFFLINE": "1",
-                                                                                    "PATH": "/usr/bin:/bin"})
+    subprocess.run(
+        [sys.executable, "-m", "mlx_lm", "convert", "--hf-path", str(small_checkpoint), "--mlx-path", str(out)],
+        check=True,
+        capture_output=True,
+        env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"},
+    )
     assert Checkpoint(out).layout == "mlx"
     a, _ = load_model(small_checkpoint, device="cpu", dtype=torch.float32)
     b, _ = load_model(out, device="cpu", dtype=torch.float32)

@@ -19,8 +19,9 @@ CONFIGS = {
     "base": small_config(),
     # A YaRN band with fractional ends on both sides (low 0.32, high 4.97), so `truncate: false` matters.
     "yarn-band": small_config(head_dim=32, rope_scaling=RopeScaling(original_max_position_embeddings=256)),
-    "more-experts-mha": small_config(num_local_experts=8, num_experts_per_tok=4, num_attention_heads=4,
-                                     num_key_value_heads=4, num_hidden_layers=5),
+    "more-experts-mha": small_config(
+        num_local_experts=8, num_experts_per_tok=4, num_attention_heads=4, num_key_value_heads=4, num_hidden_layers=5
+    ),
     "gqa4": small_config(num_attention_heads=8, num_key_value_heads=2, head_dim=8, sliding_window=5),
 }
 
@@ -84,8 +85,9 @@ def test_greedy_generation_matches_transformers(pair):
 
     prompt = torch.randint(0, config.vocab_size, (1, 20), generator=torch.Generator().manual_seed(4))
     with torch.no_grad():
-        expected = ref.generate(prompt, max_new_tokens=16, do_sample=False, eos_token_id=None,
-                                pad_token_id=0)[0, 20:].tolist()
+        expected = ref.generate(prompt, max_new_tokens=16, do_sample=False, eos_token_id=None, pad_token_id=0)[
+            0, 20:
+        ].tolist()
     gen = Generator(ours, max_tokens=40, chunk=7)
     logits = gen.prefill(prompt[0].tolist())
     got = []

@@ -30,25 +30,46 @@ class LayerKV:
 class KVCache:
     """Keys and values of every layer for one batch of sequences that advance together."""
 
-    def __init__(self, config: ModelConfig, *, max_tokens: int, batch: int = 1, max_kv_size: int | None = None,
-                 chunk: int = PREFILL_CHUNK_TOKENS, dtype: torch.dtype = torch.float32,
-                 device: torch.device | str = "cpu") -> None:
+    def __init__(
+        self,
+        config: ModelConfig,
+        *,
+        max_tokens: int,
+        batch: int = 1,
+        max_kv_size: int | None = None,
+        chunk: int = PREFILL_CHUNK_TOKENS,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str = "cpu",
+    ) -> None:
         if max_kv_size is not None and max_kv_size < 1:
             raise ValueError(f"max_kv_size must be positive, got {max_kv_size}")
         self.max_tokens = max_tokens if max_kv_size is None else None
         self.chunk = chunk
         self.offset = 0
-        self.layers = [self._layer(config, i, batch, max_tokens, max_kv_size, dtype, device)
-                       for i in range(config.num_hidden_layers)]
+        self.layers = [
+            self._layer(config, i, batch, max_tokens, max_kv_size, dtype, device)
+            for i in range(config.num_hidden_layers)
+        ]
 
-    def _layer(self, config: ModelConfig, i: int, batch: int, max_tokens: int, max_kv_size: int | None,
-               dtype: torch.dtype, device: torch.device | str) -> LayerKV:
+    def _layer(
+        self,
+        config: ModelConfig,
+        i: int,
+        batch: int,
+        max_tokens: int,
+        max_kv_size: int | None,
+        dtype: torch.dtype,
+        device: torch.device | str,
+    ) -> LayerKV:
         window = config.window(i) or max_kv_size
         slots = max_tokens if window is None else min(window + self.chunk - 1, max_tokens)
         shape = (batch, slots, config.num_key_value_heads, config.head_dim)
-        return LayerKV(k=torch.zeros(shape, dtype=dtype, device=device),
-                       v=torch.zeros(shape, dtype=dtype, device=device),
-                       pos=torch.full((slots,), -1, dtype=torch.long, device=device), window=window)
+        return LayerKV(
+            k=torch.zeros(shape, dtype=dtype, device=device),
+            v=torch.zeros(shape, dtype=dtype, device=device),
+            pos=torch.full((slots,), -1, dtype=torch.long, device=device),
+            window=window,
+        )
 
     def positions(self, n: int) -> torch.Tensor:
         """Absolute positions of the next `n` tokens, checked against the capacity."""

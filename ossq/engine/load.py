@@ -27,8 +27,13 @@ def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def load_model(path_or_repo: str | Path, *, device: str | torch.device | None = None,
-               dtype: torch.dtype | None = None, ops: TorchOps | None = None) -> tuple[GptOss, Path]:
+def load_model(
+    path_or_repo: str | Path,
+    *,
+    device: str | torch.device | None = None,
+    dtype: torch.dtype | None = None,
+    ops: TorchOps | None = None,
+) -> tuple[GptOss, Path]:
     """The model and the resolved checkpoint directory."""
     device = torch.device(device) if device is not None else default_device()
     dtype = dtype or default_dtype(device)

@@ -20,6 +20,7 @@ from ossq.engine.cache import KVCache
 from ossq.engine.ops import TorchOps
 from ossq.formats.mlx import LinearInfo, QuantSpec, linear_modules
 
+
 class Linear(nn.Module):
     """A weight as MLX stores it: `weight` (+ `scales`, `biases` when quantized) and an optional `bias`.
     With `info.experts` set it is a stack of per-expert matrices (mlx-lm's SwitchLinear)."""
@@ -86,18 +87,26 @@ def yarn_inv_freq(config: ModelConfig) -> torch.Tensor:
 
 
 class Attention(nn.Module):
-    def __init__(self, config: ModelConfig, layer: int, mods: dict[str, LinearInfo],
-                 specs: dict[str, QuantSpec | None], dtype: torch.dtype, ops: TorchOps) -> None:
+    def __init__(
+        self,
+        config: ModelConfig,
+        layer: int,
+        mods: dict[str, LinearInfo],
+        specs: dict[str, QuantSpec | None],
+        dtype: torch.dtype,
+        ops: TorchOps,
+    ) -> None:
         super().__init__()
         self.layer, self.ops, self.head_dim = layer, ops, config.head_dim
-        self.scale = config.head_dim ** -0.5
+        self.scale = config.head_dim**-0.5
         for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
             path = f"model.layers.{layer}.self_attn.{name}"
             setattr(self, name, Linear(mods[path], specs.get(path), dtype))
         self.register_buffer("sinks", torch.zeros(config.num_attention_heads, dtype=dtype))
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, positions: torch.Tensor,
-                cache: KVCache) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, positions: torch.Tensor, cache: KVCache
+    ) -> torch.Tensor:
         B, T, _ = x.shape
         ops = self.ops
         q = ops.linear(x, self.q_proj).view(B, T, -1, self.head_dim)  # (B, T, H, D)
@@ -105,22 +114,25 @@ class Attention(nn.Module):
         v = ops.linear(x, self.v_proj).view(B, T, -1, self.head_dim)
         q, k = ops.rope(q, cos, sin), ops.rope(k, cos, sin)
         kv = cache.write(self.layer, k, v, positions)
-        o = ops.attention(q, kv.k, kv.v, self.sinks, q_pos=positions, k_pos=kv.pos, window=kv.window,
-                          scale=self.scale)  # (B, T, H, D)
+        o = ops.attention(
+            q, kv.k, kv.v, self.sinks, q_pos=positions, k_pos=kv.pos, window=kv.window, scale=self.scale
+        )  # (B, T, H, D)
         return ops.linear(o.reshape(B, T, -1), self.o_proj)
 
 
 class Experts(nn.Module):
-    def __init__(self, prefix: str, mods: dict[str, LinearInfo], specs: dict[str, QuantSpec | None],
-                 dtype: torch.dtype) -> None:
+    def __init__(
+        self, prefix: str, mods: dict[str, LinearInfo], specs: dict[str, QuantSpec | None], dtype: torch.dtype
+    ) -> None:
         super().__init__()
         for name in ("gate_proj", "up_proj", "down_proj"):
             setattr(self, name, Linear(mods[f"{prefix}.{name}"], specs.get(f"{prefix}.{name}"), dtype))
 
 
 class MLP(nn.Module):
-    def __init__(self, layer: int, mods: dict[str, LinearInfo], specs: dict[str, QuantSpec | None],
-                 dtype: torch.dtype) -> None:
+    def __init__(
+        self, layer: int, mods: dict[str, LinearInfo], specs: dict[str, QuantSpec | None], dtype: torch.dtype
+    ) -> None:
         super().__init__()
         prefix = f"model.layers.{layer}.mlp"
         self.router = Linear(mods[f"{prefix}.router"], specs.get(f"{prefix}.router"), dtype)
@@ -128,8 +140,15 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, config: ModelConfig, layer: int, mods: dict[str, LinearInfo],
-                 specs: dict[str, QuantSpec | None], dtype: torch.dtype, ops: TorchOps) -> None:
+    def __init__(
+        self,
+        config: ModelConfig,
+        layer: int,
+        mods: dict[str, LinearInfo],
+        specs: dict[str, QuantSpec | None],
+        dtype: torch.dtype,
+        ops: TorchOps,
+    ) -> None:
         super().__init__()
         self.config, self.ops = config, ops
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
@@ -137,13 +156,19 @@ class Block(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp = MLP(layer, mods, specs, dtype)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, positions: torch.Tensor,
-                cache: KVCache) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, positions: torch.Tensor, cache: KVCache
+    ) -> torch.Tensor:
         c, ops = self.config, self.ops
         x = x + self.self_attn(self._norm(x, self.input_layernorm), cos, sin, positions, cache)
         h = self._norm(x, self.post_attention_layernorm)
-        moe = ops.moe(h.reshape(-1, h.shape[-1]), self.mlp, top_k=c.num_experts_per_tok, limit=c.swiglu_limit,
-                      alpha=c.swiglu_alpha)
+        moe = ops.moe(
+            h.reshape(-1, h.shape[-1]),
+            self.mlp,
+            top_k=c.num_experts_per_tok,
+            limit=c.swiglu_limit,
+            alpha=c.swiglu_alpha,
+        )
         return x + moe.view_as(x)
 
     def _norm(self, x: torch.Tensor, norm: RMSNorm) -> torch.Tensor:
@@ -151,8 +176,14 @@ class Block(nn.Module):
 
 
 class Body(nn.Module):
-    def __init__(self, config: ModelConfig, mods: dict[str, LinearInfo], specs: dict[str, QuantSpec | None],
-                 dtype: torch.dtype, ops: TorchOps) -> None:
+    def __init__(
+        self,
+        config: ModelConfig,
+        mods: dict[str, LinearInfo],
+        specs: dict[str, QuantSpec | None],
+        dtype: torch.dtype,
+        ops: TorchOps,
+    ) -> None:
         super().__init__()
         self.embed_tokens = Linear(mods["model.embed_tokens"], specs.get("model.embed_tokens"), dtype)
         self.layers = nn.ModuleList(Block(config, i, mods, specs, dtype, ops) for i in range(config.num_hidden_layers))
@@ -162,8 +193,14 @@ class Body(nn.Module):
 class GptOss(nn.Module):
     """The whole model. `forward(tokens, cache)` runs one chunk and advances the cache."""
 
-    def __init__(self, config: ModelConfig, specs: dict[str, QuantSpec | None] | None = None, *,
-                 dtype: torch.dtype = torch.bfloat16, ops: TorchOps | None = None) -> None:
+    def __init__(
+        self,
+        config: ModelConfig,
+        specs: dict[str, QuantSpec | None] | None = None,
+        *,
+        dtype: torch.dtype = torch.bfloat16,
+        ops: TorchOps | None = None,
+    ) -> None:
         super().__init__()
         self.config, self.dtype = config, dtype
         self.ops = ops or TorchOps()
@@ -173,12 +210,20 @@ class GptOss(nn.Module):
         self.lm_head = Linear(mods["lm_head"], self.specs.get("lm_head"), dtype)
         self.rotary = Rotary(config)
 
-    def make_cache(self, *, max_tokens: int, batch: int = 1, max_kv_size: int | None = None,
-                   chunk: int | None = None) -> KVCache:
+    def make_cache(
+        self, *, max_tokens: int, batch: int = 1, max_kv_size: int | None = None, chunk: int | None = None
+    ) -> KVCache:
         device = self.lm_head.weight.device
         kwargs = {"chunk": chunk} if chunk else {}
-        return KVCache(self.config, max_tokens=max_tokens, batch=batch, max_kv_size=max_kv_size,
-                       dtype=self.dtype, device=device, **kwargs)
+        return KVCache(
+            self.config,
+            max_tokens=max_tokens,
+            batch=batch,
+            max_kv_size=max_kv_size,
+            dtype=self.dtype,
+            device=device,
+            **kwargs,
+        )
 
     def forward(self, tokens: torch.Tensor, cache: KVCache | None = None, *, last_only: bool = False) -> torch.Tensor:
         """tokens (B, T) → logits (B, T, V) in float32 ((B, 1, V) with `last_only`).

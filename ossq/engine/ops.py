@@ -55,8 +55,18 @@ class TorchOps:
         c, s = cos[:, None, :], sin[:, None, :]
         return torch.cat((x1 * c - x2 * s, x2 * c + x1 * s), dim=-1)
 
-    def attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sinks: torch.Tensor, *,
-                  q_pos: torch.Tensor, k_pos: torch.Tensor, window: int | None, scale: float) -> torch.Tensor:
+    def attention(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        sinks: torch.Tensor,
+        *,
+        q_pos: torch.Tensor,
+        k_pos: torch.Tensor,
+        window: int | None,
+        scale: float,
+    ) -> torch.Tensor:
         """Causal GQA attention with per-head sink logits.
 
         q (B, T, H, D); k, v (B, S, K, D) cache slots; q_pos (T,), k_pos (S,) absolute positions (−1 = empty

@@ -29,8 +29,23 @@ from ossq.quant import mxfp4
 
 INDEX_FILE = "model.safetensors.index.json"
 HUB_PATTERNS = ["*.json", "*.safetensors", "*.jinja", "*.txt"]
-_DTYPE_BYTES = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "I16": 2, "U16": 2, "F16": 2, "BF16": 2,
-                "I32": 4, "U32": 4, "F32": 4, "I64": 8, "U64": 8, "F64": 8}
+_DTYPE_BYTES = {
+    "BOOL": 1,
+    "U8": 1,
+    "I8": 1,
+    "F8_E4M3": 1,
+    "F8_E5M2": 1,
+    "I16": 2,
+    "U16": 2,
+    "F16": 2,
+    "BF16": 2,
+    "I32": 4,
+    "U32": 4,
+    "F32": 4,
+    "I64": 8,
+    "U64": 8,
+    "F64": 8,
+}
 MXFP4_EXPERTS = QuantSpec(bits=4, group_size=32, mode="mxfp4")
 
 
@@ -76,8 +91,7 @@ def _header(path: Path) -> dict[str, Any]:
     header.pop("__metadata__", None)
     end = max((int(t["data_offsets"][1]) for t in header.values()), default=0)
     if 8 + n + end > size:
-        raise CheckpointError(
-            f"{path.name}: truncated safetensors file ({size} bytes, its header needs {8 + n + end})")
+        raise CheckpointError(f"{path.name}: truncated safetensors file ({size} bytes, its header needs {8 + n + end})")
     return header
 
 
@@ -178,14 +192,18 @@ class Checkpoint:
             part = ""
         suffix = {"_blocks": "weight", "_scales": "scales", "_bias": "bias", "": "weight"}[part]
         if part == "_blocks":
+
             def fix(t: torch.Tensor) -> torch.Tensor:  # (…, R, nb, 16) u8 → (…, R, nb·4) u32, same bytes
                 return mxfp4.blocks_to_mlx(t)
         elif part == "":
+
             def fix(t: torch.Tensor) -> torch.Tensor:  # transformers' (…, in, out) → MLX (…, out, in)
                 return t.transpose(-1, -2)
         else:
+
             def fix(t: torch.Tensor) -> torch.Tensor:
                 return t
+
         if proj == "down_proj":
             return {f"{prefix}.down_proj.{suffix}": lambda e: fix(read(key, e)).contiguous()}
         # Gate/up interleave: even rows are gate, odd rows up (on the last axis in transformers' layout,
@@ -199,8 +217,11 @@ class Checkpoint:
     def _specs(self, keys: set[str]) -> dict[str, QuantSpec | None]:
         if self.layout == "mlx":
             quant = self.raw_config.get("quantization")
-            if quant is None and isinstance(self.raw_config.get("quantization_config"), dict) \
-                    and "bits" in self.raw_config["quantization_config"]:
+            if (
+                quant is None
+                and isinstance(self.raw_config.get("quantization_config"), dict)
+                and "bits" in self.raw_config["quantization_config"]
+            ):
                 quant = self.raw_config["quantization_config"]
             return specs_from_config(quant, self.config, set(self.readers))
         specs: dict[str, QuantSpec | None] = {m.path: None for m in linear_modules(self.config)}
@@ -217,8 +238,10 @@ class Checkpoint:
             raise CheckpointError(f"{self.root}: tensor {missing[0]} is missing ({len(missing)} missing in all)")
         extra = sorted(set(self.readers) - set(expected))
         if extra:
-            raise CheckpointError(f"{self.root}: unexpected tensor {extra[0]} ({len(extra)} extra in all); "
-                                  "the config and the weights disagree")
+            raise CheckpointError(
+                f"{self.root}: unexpected tensor {extra[0]} ({len(extra)} extra in all); "
+                "the config and the weights disagree"
+            )
         self.expected = expected
 
     # ---- reading -------------------------------------------------------------------------------------

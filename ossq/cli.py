@@ -1,0 +1,163 @@
+"""The `ossq` command. Each subcommand parses flags named like the library parameters and calls one
+library function; errors the user can fix print one line and exit with status 2."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+from ossq.errors import OssqError
+
+REASONING_EFFORTS = ("low", "medium", "high")
+
+
+def _add_sampling(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--max-tokens", type=int, default=512, help="tokens to generate at most (default 512)")
+    p.add_argument("--temp", type=float, default=0.0, help="sampling temperature; 0 = greedy (default)")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--min-p", type=float, default=0.0)
+    p.add_argument("--repetition-penalty", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument(
+        "--max-kv-size",
+        type=int,
+        default=None,
+        help="cap the keys a full-attention layer keeps (a rotating cache, as mlx-lm's option)",
+    )
+
+
+def _add_chat(p: argparse.ArgumentParser) -> None:
+    p.add_argument("-m", "--model", required=True, help="checkpoint directory or hub id")
+    p.add_argument("--system", default=None, help="model identity line of the system message")
+    p.add_argument("--developer", default=None, help="developer instructions")
+    p.add_argument("--reasoning-effort", choices=REASONING_EFFORTS, default="medium")
+    p.add_argument("--hide-reasoning", action="store_true", help="print only the final answer")
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    _add_sampling(p)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="ossq", description="gpt-oss: convert, run and measure.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("generate", help="answer one prompt (harmony chat format)")
+    _add_chat(p)
+    p.add_argument("-p", "--prompt", required=True, help="the user message ('-' reads standard input)")
+    p.add_argument("--raw", action="store_true", help="send the prompt as raw text, without the chat format")
+
+    p = sub.add_parser("chat", help="interactive multi-turn chat in the terminal")
+    _add_chat(p)
+
+    p = sub.add_parser("synth", help="write a random gpt-oss checkpoint in the published layout")
+    p.add_argument("--preset", default="tiny", choices=("tiny", "20b", "120b"))
+    p.add_argument("--out", required=True, type=Path)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cpu", help="where to draw the random weights (cuda is faster)")
+    p.add_argument("--force", action="store_true", help="replace an existing output directory")
+
+    p = sub.add_parser("quickstart", help="synthesize a tiny model and chat with it: a smoke test of the install")
+    p.add_argument("--cache-dir", type=Path, default=None, help="where to keep the tiny model")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return COMMANDS[args.command](args) or 0
+    except (OssqError, ValueError) as e:
+        print(f"ossq {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(file=sys.stderr)
+        return 130
+
+
+def _sampling(args: argparse.Namespace):
+    from ossq.engine.sampling import SamplingParams
+
+    return SamplingParams(
+        temperature=args.temp,
+        top_p=args.top_p,
+        top_k=args.top_k,
+        min_p=args.min_p,
+        repetition_penalty=args.repetition_penalty,
+        seed=args.seed,
+    )
+
+
+def _chat(args: argparse.Namespace):
+    from ossq.harmony import Chat
+
+    return Chat(system=args.system, developer=args.developer, reasoning_effort=args.reasoning_effort)
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from ossq.chat import answer, load_for_chat
+
+    prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
+    model, tokenizer = load_for_chat(args.model, device=args.device)
+    if args.raw:
+        from ossq.engine.generate import generate
+
+        generate(
+            model,
+            tokenizer,
+            prompt,
+            max_tokens=args.max_tokens,
+            sampling=_sampling(args),
+            max_kv_size=args.max_kv_size,
+            verbose=True,
+        )
+        return 0
+    chat = _chat(args)
+    chat.add_user(prompt)
+    answer(
+        model,
+        tokenizer,
+        chat,
+        sampling=_sampling(args),
+        max_tokens=args.max_tokens,
+        max_kv_size=args.max_kv_size,
+        show_reasoning=not args.hide_reasoning,
+    )
+    return 0
+
+
+def cmd_chat(args: argparse.Namespace) -> int:
+    from ossq.chat import interactive, load_for_chat
+
+    model, tokenizer = load_for_chat(args.model, device=args.device)
+    interactive(
+        model,
+        tokenizer,
+        _chat(args),
+        sampling=_sampling(args),
+        max_tokens=args.max_tokens,
+        max_kv_size=args.max_kv_size,
+        show_reasoning=not args.hide_reasoning,
+    )
+    return 0
+
+
+def cmd_synth(args: argparse.Namespace) -> int:
+    from ossq.synth import synthesize
+
+    out = synthesize(args.out, config=args.preset, seed=args.seed, device=args.device, overwrite=args.force)
+    print(f"wrote a random gpt-oss ({args.preset}) checkpoint to {out}")
+    return 0
+
+
+def cmd_quickstart(args: argparse.Namespace) -> int:
+    from ossq.quickstart import quickstart
+
+    quickstart(cache_dir=args.cache_dir, interactive_chat=sys.stdin.isatty() and not os.environ.get("CI"))
+    return 0
+
+
+COMMANDS = {"generate": cmd_generate, "chat": cmd_chat, "synth": cmd_synth, "quickstart": cmd_quickstart}
+
+if __name__ == "__main__":
+    sys.exit(main())
