@@ -13,6 +13,7 @@ floor(log2 amax), round-to-nearest-even elements) used to synthesize gpt-oss-lik
 re-quantizing with MLX is not a round trip (formats.md §7.20).
 """
 
+import functools
 from collections.abc import Callable
 
 import torch
@@ -155,8 +156,9 @@ def _pack_nibbles(code: torch.Tensor) -> torch.Tensor:
     return (code[:, 0::2] | (code[:, 1::2] << 4)).to(torch.uint8)
 
 
+@functools.cache
 def _pair_table(device: torch.device) -> torch.Tensor:
-    """float32 `[256, 2]`: byte → (value of low nibble, value of high nibble)."""
+    """float32 `[256, 2]`: byte → (value of low nibble, value of high nibble); built once per device."""
     lut = torch.tensor(E2M1, dtype=torch.float32, device=device)
     byte = torch.arange(256, device=device)
     return torch.stack([lut[byte & 0x0F], lut[byte >> 4]], -1)
