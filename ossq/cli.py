@@ -96,49 +96,27 @@ def _chat(args: argparse.Namespace):
 
 def cmd_generate(args: argparse.Namespace) -> int:
     from ossq.chat import answer, load_for_chat
+    from ossq.engine.generate import generate
 
     prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
+    sampling, chat = _sampling(args), _chat(args)  # validate the flags before the slow load
     model, tokenizer = load_for_chat(args.model, device=args.device)
+    common = dict(sampling=sampling, max_tokens=args.max_tokens, max_kv_size=args.max_kv_size)
     if args.raw:
-        from ossq.engine.generate import generate
-
-        generate(
-            model,
-            tokenizer,
-            prompt,
-            max_tokens=args.max_tokens,
-            sampling=_sampling(args),
-            max_kv_size=args.max_kv_size,
-            verbose=True,
-        )
-        return 0
-    chat = _chat(args)
-    chat.add_user(prompt)
-    answer(
-        model,
-        tokenizer,
-        chat,
-        sampling=_sampling(args),
-        max_tokens=args.max_tokens,
-        max_kv_size=args.max_kv_size,
-        show_reasoning=not args.hide_reasoning,
-    )
+        generate(model, tokenizer, prompt, verbose=True, **common)
+    else:
+        chat.add_user(prompt)
+        answer(model, tokenizer, chat, show_reasoning=not args.hide_reasoning, **common)
     return 0
 
 
 def cmd_chat(args: argparse.Namespace) -> int:
     from ossq.chat import interactive, load_for_chat
 
+    sampling, chat = _sampling(args), _chat(args)
     model, tokenizer = load_for_chat(args.model, device=args.device)
-    interactive(
-        model,
-        tokenizer,
-        _chat(args),
-        sampling=_sampling(args),
-        max_tokens=args.max_tokens,
-        max_kv_size=args.max_kv_size,
-        show_reasoning=not args.hide_reasoning,
-    )
+    interactive(model, tokenizer, chat, sampling=sampling, max_tokens=args.max_tokens,
+                max_kv_size=args.max_kv_size, show_reasoning=not args.hide_reasoning)
     return 0
 
 

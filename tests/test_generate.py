@@ -1,0 +1,117 @@
+"""Generation: stop tokens, stats, seeds and context limits; the CLI's happy path and its one-line errors."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from ossq.cli import main
+from ossq.engine import generate as gen_mod
+from ossq.engine.generate import Generator, load, stream_generate
+from ossq.engine.sampling import SamplingParams
+from ossq.errors import PromptTooLong
+from ossq.harmony import CALL, END, RETURN
+
+
+class ScriptedGenerator:
+    """Stands in for Generator: the logits of each step pick the next scripted token."""
+
+    script: list[int] = []
+
+    def __init__(self, model, *, max_tokens, max_kv_size=None, chunk=None) -> None:
+        self.tokens = iter(self.script)
+        self.vocab = model.config.vocab_size
+
+    def _next(self) -> torch.Tensor:
+        logits = torch.zeros(1, self.vocab)
+        logits[0, next(self.tokens)] = 1.0
+        return logits
+
+    def prefill(self, tokens):
+        return self._next()
+
+    def step(self, token):
+        return self._next()
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_checkpoint):
+    return load(tiny_checkpoint, device="cpu")
+
+
+def scripted(monkeypatch, tiny, script: list[int], max_tokens: int = 20):
+    monkeypatch.setattr(gen_mod, "Generator", ScriptedGenerator)
+    monkeypatch.setattr(ScriptedGenerator, "script", script)
+    model, tokenizer = tiny
+    return list(stream_generate(model, tokenizer, "hello", max_tokens=max_tokens))
+
+
+@pytest.mark.parametrize("stop", [RETURN, CALL])
+def test_generation_stops_on_return_and_call_but_not_on_end(monkeypatch, tiny, stop):
+    hello, world = tiny[1].encode("Hello"), tiny[1].encode(" world")
+    responses = scripted(monkeypatch, tiny, [*hello, END, *world, stop, *hello])
+    assert [r.token for r in responses] == [*hello, END, *world, stop]
+    assert responses[-1].finish_reason == "stop"
+    assert all(r.finish_reason is None for r in responses[:-1])
+    assert "".join(r.text for r in responses) == "Hello<|end|> world"
+
+
+def test_generation_stops_at_max_tokens_with_length(monkeypatch, tiny):
+    responses = scripted(monkeypatch, tiny, [1000] * 10, max_tokens=4)
+    assert len(responses) == 4 and responses[-1].finish_reason == "length"
+    stats = responses[-1].stats
+    assert stats.generation_tokens == 4 and stats.prompt_tokens == 1
+    assert stats.ttft > 0 and stats.prompt_tps > 0 and stats.peak_memory_gb > 0
+
+
+def test_same_seed_repeats_and_another_seed_differs(tiny):
+    model, tokenizer = tiny
+
+    def run(seed: int) -> list[int]:
+        params = SamplingParams(temperature=1.0, seed=seed)
+        return [
+            r.token for r in stream_generate(model, tokenizer, "a b c", max_tokens=12, sampling=params, stop_tokens=())
+        ]
+
+    assert run(7) == run(7)
+    assert run(7) != run(8)
+
+
+def test_prompt_longer_than_the_context_is_refused(tiny):
+    model, tokenizer = tiny
+    limit = model.config.max_position_embeddings
+    with pytest.raises(PromptTooLong, match=str(limit)):
+        list(stream_generate(model, tokenizer, [1000] * limit, max_tokens=8))
+    Generator(model, max_tokens=limit + 8, max_kv_size=64)  # a capped cache accepts any length
+
+
+def test_cli_generate_prints_answer_and_stats(tiny_checkpoint, capsys):
+    assert (
+        main(["generate", "-m", str(tiny_checkpoint), "-p", "Hi", "--max-tokens", "6", "--seed", "1", "--temp", "0.8"])
+        == 0
+    )
+    out = capsys.readouterr().out
+    assert "generation: 6 tokens" in out and "tok/s" in out
+
+
+def test_cli_errors_are_one_line_without_traceback(tmp_path, capsys):
+    assert main(["generate", "-m", str(tmp_path / "missing"), "-p", "Hi"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "no such directory" in err and "Traceback" not in err
+    assert main(["generate", "-m", str(tmp_path / "missing"), "-p", "Hi", "--top-p", "2"]) == 2
+    assert "top_p" in capsys.readouterr().err
+
+
+def test_cli_synth_writes_a_loadable_checkpoint_and_refuses_to_overwrite(tmp_path, capsys):
+    out = tmp_path / "synth"
+    assert main(["synth", "--preset", "tiny", "--out", str(out), "--seed", "3"]) == 0
+    model, _ = load(out, device="cpu")
+    assert model.config.num_hidden_layers == 4
+    assert main(["synth", "--preset", "tiny", "--out", str(out)]) == 2
+    assert "already exists" in capsys.readouterr().err
+
+
+def test_quickstart_runs_end_to_end(tmp_path, capsys):
+    assert main(["quickstart", "--cache-dir", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "What is the capital of France?" in out and "generation:" in out
