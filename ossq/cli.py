@@ -39,6 +39,12 @@ def _add_chat(p: argparse.ArgumentParser) -> None:
     _add_sampling(p)
 
 
+def _add_outputs(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--json", dest="json_path", type=Path, help="write the report as JSON")
+    p.add_argument("--markdown", dest="markdown_path", type=Path, help="write a Markdown report for a model card")
+    p.add_argument("--plot", dest="plot_path", type=Path, help="write bar charts (PNG; needs matplotlib)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ossq", description="gpt-oss: convert, run and measure.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -57,6 +63,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu", help="where to draw the random weights (cuda is faster)")
     p.add_argument("--force", action="store_true", help="replace an existing output directory")
+
+    p = sub.add_parser("bench", help="batch-1 speed of one or more checkpoints, side by side")
+    p.add_argument("-m", "--model", dest="models", action="append", required=True,
+                   help="checkpoint directory or hub id (repeat to compare)")
+    p.add_argument("--prompt-tokens", type=int, default=90)
+    p.add_argument("--gen-tokens", type=int, default=200)
+    p.add_argument("--context", action="append", default=None,
+                   help="extra context lengths measured as columns, e.g. 2k or 1k,4k (k = 1024)")
+    p.add_argument("--sweep-context", default=None, help="lengths for the tok/s-vs-context plot, e.g. 1k,4k,16k")
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
+    p.add_argument("--seed", type=int, default=0)
+    _add_outputs(p)
 
     p = sub.add_parser("quickstart", help="synthesize a tiny model and chat with it: a smoke test of the install")
     p.add_argument("--cache-dir", type=Path, default=None, help="where to keep the tiny model")
@@ -128,6 +148,15 @@ def cmd_synth(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench(args: argparse.Namespace) -> int:
+    from ossq.bench import bench
+
+    bench(args.models, prompt_tokens=args.prompt_tokens, gen_tokens=args.gen_tokens, context=args.context,
+          sweep_context=args.sweep_context, repeats=args.repeats, warmup=args.warmup, device=args.device,
+          seed=args.seed, json_path=args.json_path, markdown_path=args.markdown_path, plot_path=args.plot_path)
+    return 0
+
+
 def cmd_quickstart(args: argparse.Namespace) -> int:
     from ossq.quickstart import quickstart
 
@@ -135,7 +164,13 @@ def cmd_quickstart(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"generate": cmd_generate, "chat": cmd_chat, "synth": cmd_synth, "quickstart": cmd_quickstart}
+COMMANDS = {
+    "generate": cmd_generate,
+    "chat": cmd_chat,
+    "synth": cmd_synth,
+    "bench": cmd_bench,
+    "quickstart": cmd_quickstart,
+}
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -1,0 +1,467 @@
+"""`ossq bench`: batch-1 speed of one or more checkpoints, measured the same way and compared side by side
+in the figures model cards report (prompt tok/s, generation tok/s, TTFT, total time, peak memory,
+tok/s per GB, size on disk, bits per weight), with optional decode speed at long contexts.
+
+Method (docs/measure.md):
+- Prompt: `prompt_tokens` ordinary-token ids (below 199998, the first special id, and below the model's
+  vocabulary) drawn from a `seed`ed generator: identical for every model of the same vocabulary. Speed
+  does not depend on which ordinary tokens are fed; random ids keep the prompt independent of any
+  tokenizer and of the vocabulary size of tiny test models.
+- One run: a fresh `Generator` (its KV cache allocated before the clock starts), prefill, the first
+  token sampled greedily, then exactly `gen_tokens − 1` decode steps, no stop tokens and no
+  detokenizing. The sampled token stays on the device, so the decode loop never waits for the host;
+  CUDA is synchronized only at the region boundaries. Figures per run: prefill time, TTFT (prefill +
+  first sample), decode time; total = TTFT + decode.
+- `warmup` runs are discarded; each figure is the median of `repeats` runs, min and max kept.
+  prompt tok/s = prompt_tokens / prefill time; generation tok/s = (gen_tokens − 1) / decode time.
+- Peak memory: on CUDA `torch.cuda.max_memory_allocated`, reset before the model is loaded (so it
+  includes the weights); on CPU the process's peak RSS (reset per model where Linux allows it).
+- A context length c runs the same measurement with a c-token prompt, so the decode steps attend over a
+  c-token cache; `context` lengths become table columns, `sweep_context` lengths a line plot.
+"""
+
+from __future__ import annotations
+
+import gc
+import re
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ossq.engine.generate import Generator, load, peak_memory_gb
+from ossq.engine.model import GptOss
+from ossq.engine.sampling import Sampler, SamplingParams
+from ossq.errors import OssqError
+from ossq.formats.hf import Checkpoint
+from ossq.formats.mlx import QuantSpec
+from ossq.quant.recipe import Plan, Recipe
+from ossq.report import Metric, Report, Series, plot_bars, plot_lines, print_report, pyplot, system_info
+from ossq.report import to_json as write_json
+from ossq.report import to_markdown as write_markdown
+from ossq.tokenizer import N_RANKS
+
+LENGTH_RE = re.compile(r"(\d+)([kK]?)")
+# What a failing model raises: our designed errors, missing files, CUDA out-of-memory (a RuntimeError).
+MODEL_ERRORS = (OssqError, OSError, RuntimeError, ValueError)
+
+
+# ---- measured figures ----------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Spread:
+    """The median of repeated measurements, with their min and max."""
+
+    median: float
+    min: float
+    max: float
+
+    @classmethod
+    def of(cls, values: Sequence[float]) -> Spread:
+        return cls(statistics.median(values), min(values), max(values))
+
+
+@dataclass(frozen=True)
+class Timing:
+    """One run, in seconds from the start of prefill: `ttft` includes sampling the first token;
+    `total` = `ttft` + `decode`."""
+
+    prefill: float
+    ttft: float
+    decode: float
+
+    @property
+    def total(self) -> float:
+        return self.ttft + self.decode
+
+
+@dataclass(frozen=True)
+class RunStats:
+    """The timed runs of one (model, prompt length) measurement and the peak memory they reached (GB)."""
+
+    prompt_tokens: int
+    gen_tokens: int
+    runs: tuple[Timing, ...]
+    peak_memory_gb: float
+
+    def spread(self, fn: Callable[[Timing], float]) -> Spread:
+        return Spread.of([fn(t) for t in self.runs])
+
+    @property
+    def prompt_tps(self) -> Spread:
+        return self.spread(lambda t: self.prompt_tokens / t.prefill)
+
+    @property
+    def generation_tps(self) -> Spread:
+        return self.spread(lambda t: (self.gen_tokens - 1) / t.decode)
+
+
+@dataclass(frozen=True)
+class ModelBench:
+    """One checkpoint's results. `error` is set (and `main` None) when it could not be loaded or run;
+    `contexts[c]` is the measurement at a c-token prompt, or the error that stopped it."""
+
+    name: str
+    path: str
+    error: str | None = None
+    size_bytes: int | None = None
+    parameters: int | None = None
+    bits_per_weight: float | None = None
+    main: RunStats | None = None
+    contexts: dict[int, RunStats | str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class BenchReport:
+    """All models of one `bench` call, with the settings and the machine they were measured on."""
+
+    models: tuple[ModelBench, ...]
+    settings: dict[str, Any]
+    system: dict[str, Any]
+
+    @property
+    def context(self) -> list[int]:
+        return list(self.settings["context"] or [])
+
+    @property
+    def sweep_context(self) -> list[int]:
+        return list(self.settings["sweep_context"] or [])
+
+    def report(self) -> Report:
+        """The generic report (ossq.report) the renderers take."""
+        rows = tuple(_row(m, self.context) for m in self.models)
+        return Report(
+            "bench",
+            "ossq bench",
+            self.system,
+            self.settings,
+            tuple(_metrics(self.context)),
+            rows,
+            series=self._series(),
+        )
+
+    def _series(self) -> tuple[Series, ...]:
+        if not self.sweep_context:
+            return ()
+        x = "context length (tokens)"
+        ok = [m for m in self.models if m.error is None]
+        decode = {m.name: _points(m, self.sweep_context, lambda s: s.generation_tps) for m in ok}
+        prefill = {m.name: _points(m, self.sweep_context, lambda s: s.prompt_tps) for m in ok}
+        return (
+            Series("decode_vs_context", x, "generation tok/s", decode),
+            Series("prefill_vs_context", x, "prompt tok/s", prefill),
+        )
+
+
+def _points(m: ModelBench, lengths: list[int], rate: Callable[[RunStats], Spread]) -> tuple[tuple[float, float], ...]:
+    """(context length, median rate) for each length that was measured without error."""
+    measured = [(c, m.contexts.get(c)) for c in lengths]
+    return tuple((float(c), rate(s).median) for c, s in measured if isinstance(s, RunStats))
+
+
+# ---- report rows -----------------------------------------------------------------------------------------
+def length_label(n: int) -> str:
+    """1024 → "1k", 1000 → "1000": the inverse of `parse_lengths` for display."""
+    return f"{n // 1024}k" if n % 1024 == 0 else str(n)
+
+
+def _metrics(context: Sequence[int]) -> list[Metric]:
+    metrics = [
+        Metric("prompt_tps", "prompt", "tok/s", True, "{:,.1f}"),
+        Metric("generation_tps", "generation", "tok/s", True, "{:,.1f}"),
+        Metric("ttft_ms", "TTFT", "ms", False, "{:,.1f}"),
+        Metric("total_s", "total time", "s", False, "{:.3f}"),
+        Metric("peak_memory_gb", "peak memory", "GB", False, "{:.2f}"),
+        Metric("tps_per_gb", "generation per GB", "tok/s/GB", True, "{:,.2f}"),
+        Metric("size_gb", "size on disk", "GB", False, "{:.3g}"),
+        Metric("bits_per_weight", "bits per weight", "", False, "{:.3f}"),
+    ]
+    for c in context:
+        metrics.append(Metric(f"prompt_tps@{c}", f"prompt @{length_label(c)}", "tok/s", True, "{:,.1f}"))
+        metrics.append(Metric(f"generation_tps@{c}", f"generation @{length_label(c)}", "tok/s", True, "{:,.1f}"))
+    return metrics
+
+
+def _row(m: ModelBench, context: Sequence[int]) -> dict[str, Any]:
+    """A flat report row: medians under the metric keys, [min, max] under "range", seconds per phase."""
+    row: dict[str, Any] = {"model": m.name, "path": m.path}
+    if m.error is not None:
+        return {**row, "error": m.error}
+    row.update(parameters=m.parameters, size_gb=m.size_bytes / 1e9, bits_per_weight=m.bits_per_weight)
+    s = m.main
+    spreads = {
+        "prompt_tps": s.prompt_tps,
+        "generation_tps": s.generation_tps,
+        "ttft_ms": s.spread(lambda t: t.ttft * 1e3),
+        "total_s": s.spread(lambda t: t.total),
+        "prefill_s": s.spread(lambda t: t.prefill),
+        "decode_s": s.spread(lambda t: t.decode),
+    }
+    for c in context:
+        stats = m.contexts.get(c)
+        if isinstance(stats, RunStats):
+            spreads[f"prompt_tps@{c}"] = stats.prompt_tps
+            spreads[f"generation_tps@{c}"] = stats.generation_tps
+    row.update({k: v.median for k, v in spreads.items()})
+    row["peak_memory_gb"] = s.peak_memory_gb
+    row["tps_per_gb"] = s.generation_tps.median / s.peak_memory_gb
+    row["range"] = {k: [v.min, v.max] for k, v in spreads.items()}
+    failed = {str(c): e for c, e in m.contexts.items() if isinstance(e, str)}
+    if failed:
+        row["context_errors"] = failed
+    return row
+
+
+# ---- measuring ---------------------------------------------------------------------------------------------
+def parse_lengths(text: str | Sequence[int | str] | None) -> list[int]:
+    """ "1k,4k,16k" (k = 1024) or a list of ints/strings → [1024, 4096, 16384]; None → []."""
+    if text is None:
+        return []
+    parts = (text if isinstance(text, str) else ",".join(map(str, text))).split(",")
+    out = []
+    for part in parts:
+        m = LENGTH_RE.fullmatch(str(part).strip())
+        if m is None or int(m.group(1)) == 0:
+            raise ValueError(f"bad length {part!r}: use a positive token count like 2048 or 2k (k = 1024)")
+        out.append(int(m.group(1)) * (1024 if m.group(2) else 1))
+    return out
+
+
+def prompt_ids(n: int, *, vocab_size: int, seed: int) -> list[int]:
+    """`n` ordinary-token ids (below 199998 and the vocabulary), the same for the same (n, vocab, seed)."""
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randint(0, min(vocab_size, N_RANKS), (n,), generator=gen).tolist()
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@torch.inference_mode()
+def time_run(model: GptOss, prompt: Sequence[int], gen_tokens: int) -> Timing:
+    """Prefill `prompt`, sample greedily, then decode `gen_tokens − 1` more tokens with no stop."""
+    device = model.lm_head.weight.device
+    gen = Generator(model, max_tokens=len(prompt) + gen_tokens)
+    sample = Sampler(SamplingParams(), device)
+    _sync(device)
+    start = time.perf_counter()
+    logits = gen.prefill(prompt)
+    _sync(device)
+    prefilled = time.perf_counter()
+    token = sample(logits)
+    _sync(device)
+    first = time.perf_counter()
+    for _ in range(gen_tokens - 1):
+        token = sample(gen.step(token))
+    _sync(device)
+    end = time.perf_counter()
+    return Timing(prefill=prefilled - start, ttft=first - start, decode=end - first)
+
+
+class MemoryMeter:
+    """Peak memory since the last `reset`: allocated CUDA memory, or on CPU the process's peak RSS
+    (Linux's VmHWM, which writing "5" to /proc/self/clear_refs resets; elsewhere, or where that is not
+    permitted, the lifetime peak, so later models may show an earlier model's peak)."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+
+    def reset(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+            return
+        try:
+            Path("/proc/self/clear_refs").write_text("5")
+        except OSError:
+            pass
+
+    def peak_gb(self) -> float:
+        if self.device.type == "cpu":
+            try:
+                for line in Path("/proc/self/status").read_text().splitlines():
+                    if line.startswith("VmHWM:"):
+                        return int(line.split()[1]) * 1024 / 1e9  # kB
+            except OSError:
+                pass
+        return peak_memory_gb(self.device)
+
+
+def measure(
+    model: GptOss, prompt: Sequence[int], *, gen_tokens: int, repeats: int, warmup: int, meter: MemoryMeter
+) -> RunStats:
+    """`warmup` discarded runs, then `repeats` timed ones; the meter is read (not reset) at the end."""
+    for _ in range(warmup):
+        time_run(model, prompt, gen_tokens)
+    runs = tuple(time_run(model, prompt, gen_tokens) for _ in range(repeats))
+    return RunStats(len(prompt), gen_tokens, runs, meter.peak_gb())
+
+
+def checkpoint_facts(ckpt: Checkpoint) -> tuple[int, int, float]:
+    """(bytes of the safetensors files, parameters, bits per weight) of a checkpoint as stored. Parameters
+    and bits per weight follow mlx-lm (ossq.quant.recipe.Plan), so they equal what mlx-lm reports."""
+    size = sum(p.stat().st_size for p in {t.shard for t in ckpt.files.tensors.values()})
+    stored = Plan(Recipe("as stored", QuantSpec(), ()), ckpt.config, ckpt.specs)
+    return size, stored.total_parameters, stored.bits_per_weight
+
+
+# ---- the command -------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class _Job:
+    prompt_tokens: int
+    gen_tokens: int
+    lengths: list[int]
+    repeats: int
+    warmup: int
+    seed: int
+    device: torch.device
+    log: Callable[[str], None]
+
+
+def _bench_model(name: str, path: str, job: _Job) -> ModelBench:
+    """Load one model, measure it, free it. A failure to load or run becomes the row's error."""
+    meter = MemoryMeter(job.device)
+    meter.reset()
+    model = None
+    try:
+        job.log(f"{name}: loading")
+        ckpt = Checkpoint(path)
+        size, params, bpw = checkpoint_facts(ckpt)
+        model, _ = load(ckpt.root, device=str(job.device))
+        vocab = model.config.vocab_size
+        job.log(f"{name}: {job.prompt_tokens}-token prompt, {job.gen_tokens} tokens, {job.repeats} repeats")
+        prompt = prompt_ids(job.prompt_tokens, vocab_size=vocab, seed=job.seed)
+        main = measure(model, prompt, gen_tokens=job.gen_tokens, repeats=job.repeats, warmup=job.warmup, meter=meter)
+        contexts = {c: _at_context(model, c, vocab, job, meter, name) for c in job.lengths}
+        return ModelBench(name, path, None, size, params, bpw, main, contexts)
+    except MODEL_ERRORS as e:
+        job.log(f"{name}: [red]{_describe(e)}[/red]")
+        return ModelBench(name, path, error=_describe(e))
+    finally:
+        del model
+        _free(job.device)
+
+
+def _at_context(model: GptOss, c: int, vocab: int, job: _Job, meter: MemoryMeter, name: str) -> RunStats | str:
+    job.log(f"{name}: decode at a {length_label(c)}-token context")
+    meter.reset()
+    try:
+        prompt = prompt_ids(c, vocab_size=vocab, seed=job.seed)
+        return measure(model, prompt, gen_tokens=job.gen_tokens, repeats=job.repeats, warmup=job.warmup, meter=meter)
+    except MODEL_ERRORS as e:  # e.g. out of memory or past the model's context: keep the other figures
+        job.log(f"{name}: at {length_label(c)}: [red]{_describe(e)}[/red]")
+        return _describe(e)
+
+
+def _describe(e: BaseException) -> str:
+    text = str(e).strip().splitlines()[0] if str(e).strip() else ""
+    return f"{type(e).__name__}: {text}" if text else type(e).__name__
+
+
+def _free(device: torch.device) -> None:
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def model_names(models: Sequence[str]) -> list[str]:
+    """Short unique display names: the directory name, or the whole argument when two would clash."""
+    short = [Path(m).name or m for m in models]
+    names = [s if short.count(s) == 1 else m for s, m in zip(short, models, strict=True)]
+    return [n if names.count(n) == 1 else f"{n}#{names[: i + 1].count(n)}" for i, n in enumerate(names)]
+
+
+def _check(prompt_tokens: int, gen_tokens: int, repeats: int, warmup: int) -> None:
+    if prompt_tokens < 1:
+        raise ValueError(f"prompt_tokens must be at least 1, got {prompt_tokens}")
+    if gen_tokens < 2:
+        raise ValueError(f"gen_tokens must be at least 2 (the decode rate needs a step), got {gen_tokens}")
+    if repeats < 1 or warmup < 0:
+        raise ValueError(f"repeats must be at least 1 and warmup at least 0, got {repeats} and {warmup}")
+
+
+def bench(
+    models: Sequence[str],
+    *,
+    prompt_tokens: int = 90,
+    gen_tokens: int = 200,
+    context: Sequence[int | str] | str | None = None,
+    repeats: int = 5,
+    warmup: int = 1,
+    device: str | None = None,
+    sweep_context: Sequence[int | str] | str | None = None,
+    seed: int = 0,
+    progress: bool = True,
+    json_path: str | Path | None = None,
+    markdown_path: str | Path | None = None,
+    plot_path: str | Path | None = None,
+) -> BenchReport:
+    """Measure every checkpoint in `models` (directories or hub ids) one after the other; see the module
+    docstring for the method. With `progress`, log each step to stderr and print the tables at the end.
+    Writes the JSON / Markdown / PNG outputs whose paths are given (plots need matplotlib)."""
+    if not models:
+        raise ValueError("give at least one model")
+    _check(prompt_tokens, gen_tokens, repeats, warmup)
+    if plot_path:
+        pyplot()  # fail now, not after the measurements, when matplotlib is missing
+    context, sweep_context = parse_lengths(context), parse_lengths(sweep_context)
+    dev = torch.device(device) if device else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    console = _console() if progress else None
+    lengths = sorted(set(context) | set(sweep_context))
+    job = _Job(prompt_tokens, gen_tokens, lengths, repeats, warmup, seed, dev, console.log if console else _quiet)
+    settings = {
+        "prompt_tokens": prompt_tokens,
+        "gen_tokens": gen_tokens,
+        "context": context,
+        "sweep_context": sweep_context,
+        "repeats": repeats,
+        "warmup": warmup,
+        "seed": seed,
+        "device": str(dev),
+        "prompt": "seeded random ordinary-token ids",
+        "sampling": "greedy, no stop tokens",
+    }
+    system = system_info(str(dev))
+    results = tuple(_bench_model(n, str(p), job) for n, p in zip(model_names(models), models, strict=True))
+    result = BenchReport(results, settings, system)
+    if console:
+        print_report(result.report())
+    write_outputs(result, json_path=json_path, markdown_path=markdown_path, plot_path=plot_path)
+    return result
+
+
+def _quiet(_message: str) -> None:
+    pass
+
+
+def _console():
+    from rich.console import Console
+
+    return Console(stderr=True)
+
+
+def write_outputs(
+    result: BenchReport,
+    *,
+    json_path: str | Path | None = None,
+    markdown_path: str | Path | None = None,
+    plot_path: str | Path | None = None,
+) -> list[Path]:
+    """The files asked for. The plot is bars per metric at `plot_path`; after a context sweep, also
+    `<stem>-<series name><suffix>` per series (decode and prefill tok/s vs context length)."""
+    report = result.report()
+    written = []
+    if json_path:
+        written.append(write_json(report, json_path))
+    if markdown_path:
+        written.append(write_markdown(report, markdown_path))
+    if plot_path:
+        plot_path = Path(plot_path)
+        written.append(plot_bars(report, report.metrics, plot_path))
+        for s in report.series:
+            path = plot_path.with_name(f"{plot_path.stem}-{s.name}{plot_path.suffix}")
+            written.append(plot_lines(s.lines, path, s.x_label, s.y_label, title=f"{s.y_label} vs context"))
+    return written

@@ -1,0 +1,501 @@
+"""Measurement reports shared by `ossq bench` and `ossq ppl`: one table row per model, a comparison that
+names the winner of every metric, and renderers for the terminal, JSON, Markdown and PNG plots.
+
+The model is deliberately generic, so any measuring command can reuse it:
+
+- a `Metric` says what a number is (`key` in the rows, `label`, `unit`, direction, display `format`);
+- a row is a flat dict: `"model"` (its display name), optionally `"error"` (a string: the model failed
+  and is shown but never wins), one float (or None = not measured) per metric key, and anything else
+  the command wants to keep in the JSON (paths, sizes, min/max ranges …);
+- `comparison(rows, metrics, reference=None)` → one `Comparison` per metric (see its docstring);
+- a `Report` bundles kind, title, `system_info()`, the run's settings, metrics, rows, an optional
+  reference model and optional line `Series` (e.g. decode tok/s vs context length);
+- renderers: `tables()` / `print_report()` (rich), `to_dict()` / `to_json()`, `to_markdown()`,
+  `plot_bars()` and `plot_lines()` (matplotlib, the `plot` extra, imported lazily by `pyplot()`).
+
+JSON schema (`SCHEMA`; bump the number when a key changes meaning or disappears):
+`{"schema", "kind", "title", "system", "settings", "reference", "metrics": [{key, label, unit,
+higher_is_better}], "rows": [row…], "comparison": [Comparison.to_dict()…], "series": [{name, x_label,
+y_label, lines: {model: [[x, y]…]}}]}`.
+"""
+
+from __future__ import annotations
+
+import datetime
+import importlib.metadata
+import json
+import math
+import os
+import platform
+import shutil
+import subprocess
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from ossq.errors import OssqError
+
+if TYPE_CHECKING:
+    from rich.console import Console
+    from rich.table import Table
+
+SCHEMA = "ossq.report/1"
+TIE_REL_TOL = 1e-9  # values this close count as equal: both models win
+
+
+@dataclass(frozen=True)
+class Metric:
+    """One measured quantity: `key` in the rows, how to show it, and which direction is better.
+    `format` is a str.format spec applied to the value, e.g. "{:.1f}" or "{:,.0f}"."""
+
+    key: str
+    label: str
+    unit: str = ""
+    higher_is_better: bool = True
+    format: str = "{:.2f}"
+
+    def fmt(self, value: float | None) -> str:
+        return "—" if value is None else self.format.format(value)
+
+    @property
+    def heading(self) -> str:
+        return f"{self.label} ({self.unit})" if self.unit else self.label
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"key": self.key, "label": self.label, "unit": self.unit, "higher_is_better": self.higher_is_better}
+
+
+@dataclass(frozen=True)
+class Comparison:
+    """The verdict on one metric across the rows that carry a value and no error.
+
+    `winners`: every model whose value equals the best one (more than one = a tie); empty when no row
+    has a value. `runner_up`: the best model strictly behind the winners (None when there is none).
+    `change_pct`: the winners' value relative to the runner-up's, 100·(w − r)/|r|, signed as measured:
+    positive for a faster tok/s, negative for a smaller time or memory — in both cases the winner's
+    advantage. `changes_pct` (only with a reference): every model's 100·(v − ref)/|ref|."""
+
+    metric: Metric
+    winners: tuple[str, ...]
+    value: float | None
+    runner_up: str | None
+    runner_up_value: float | None
+    change_pct: float | None
+    reference: str | None = None
+    changes_pct: Mapping[str, float] = field(default_factory=dict)
+
+    @property
+    def winner_text(self) -> str:
+        return " = ".join(self.winners) if self.winners else "—"
+
+    @property
+    def change_text(self) -> str:
+        return "—" if self.change_pct is None else f"{self.change_pct:+.1f} %"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "metric": self.metric.key,
+            "label": self.metric.label,
+            "unit": self.metric.unit,
+            "higher_is_better": self.metric.higher_is_better,
+            "winners": list(self.winners),
+            "value": self.value,
+            "runner_up": self.runner_up,
+            "runner_up_value": self.runner_up_value,
+            "change_pct": self.change_pct,
+            "reference": self.reference,
+            "changes_pct": dict(self.changes_pct),
+        }
+
+
+def _percent(value: float, base: float) -> float | None:
+    return None if base == 0 else 100.0 * (value - base) / abs(base)
+
+
+def _valid(rows: Sequence[Mapping[str, Any]], key: str) -> list[tuple[str, float]]:
+    out = []
+    for row in rows:
+        value = row.get(key)
+        if not row.get("error") and isinstance(value, (int, float)) and math.isfinite(value):
+            out.append((str(row["model"]), float(value)))
+    return out
+
+
+def compare_metric(rows: Sequence[Mapping[str, Any]], metric: Metric, reference: str | None = None) -> Comparison:
+    """The `Comparison` of one metric (see its docstring). Rows with an `error` never win."""
+    values = _valid(rows, metric.key)
+    sign = 1.0 if metric.higher_is_better else -1.0
+    ordered = sorted(values, key=lambda mv: -sign * mv[1])  # best first; stable, so row order breaks nothing
+    if not ordered:
+        return Comparison(metric, (), None, None, None, None, reference)
+    best = ordered[0][1]
+    tied = [m for m, v in ordered if math.isclose(v, best, rel_tol=TIE_REL_TOL)]
+    rest = [(m, v) for m, v in ordered if m not in tied]
+    runner, runner_value = rest[0] if rest else (None, None)
+    change = None if runner_value is None else _percent(best, runner_value)
+    changes: dict[str, float] = {}
+    ref_value = dict(values).get(reference) if reference is not None else None
+    if ref_value is not None:
+        changes = {m: p for m, v in values if (p := _percent(v, ref_value)) is not None}
+    return Comparison(metric, tuple(tied), best, runner, runner_value, change, reference, changes)
+
+
+def comparison(
+    rows: Sequence[Mapping[str, Any]], metrics: Sequence[Metric], reference: str | None = None
+) -> list[Comparison]:
+    """One `Comparison` per metric, in the metrics' order."""
+    return [compare_metric(rows, m, reference) for m in metrics]
+
+
+@dataclass(frozen=True)
+class Series:
+    """Lines for one plot: `lines[model]` = ((x, y), …) in increasing x."""
+
+    name: str
+    x_label: str
+    y_label: str
+    lines: Mapping[str, tuple[tuple[float, float], ...]]
+
+    def to_dict(self) -> dict[str, Any]:
+        lines = {m: [list(p) for p in pts] for m, pts in self.lines.items()}
+        return {"name": self.name, "x_label": self.x_label, "y_label": self.y_label, "lines": lines}
+
+
+@dataclass(frozen=True)
+class Report:
+    """Everything one run measured. `kind` names the command ("bench", "ppl"); `settings` its parameters
+    (JSON-able); `rows` one dict per model (module docstring); `reference` a model name for relative
+    changes (None = compare with the runner-up only)."""
+
+    kind: str
+    title: str
+    system: Mapping[str, Any]
+    settings: Mapping[str, Any]
+    metrics: tuple[Metric, ...]
+    rows: tuple[Mapping[str, Any], ...]
+    reference: str | None = None
+    series: tuple[Series, ...] = ()
+
+    def comparison(self) -> list[Comparison]:
+        return comparison(self.rows, self.metrics, self.reference)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "schema": SCHEMA,
+            "kind": self.kind,
+            "title": self.title,
+            "system": dict(self.system),
+            "settings": dict(self.settings),
+            "reference": self.reference,
+            "metrics": [m.to_dict() for m in self.metrics],
+            "rows": [dict(r) for r in self.rows],
+            "comparison": [c.to_dict() for c in self.comparison()],
+            "series": [s.to_dict() for s in self.series],
+        }
+
+
+# ---- system ---------------------------------------------------------------------------------------------
+def system_info(device: str | None = None) -> dict[str, Any]:
+    """Where the numbers were measured. Never raises: what cannot be found is None.
+
+    Keys: date (ISO 8601, UTC), cpu, cores, ram_gb (1e9 bytes), gpu (None, or name, memory_gb,
+    capability, driver, cuda), device (the one measured on), python, platform, torch, triton, ossq."""
+    return {
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "device": device,
+        "cpu": _cpu_model(),
+        "cores": os.cpu_count(),
+        "ram_gb": _ram_gb(),
+        "gpu": _gpu_info(),
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "torch": _version("torch"),
+        "triton": _version("triton"),
+        "ossq": _version("ossq"),
+    }
+
+
+def _cpu_model() -> str | None:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or None
+
+
+def _ram_gb() -> float | None:
+    try:
+        return round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 1e9, 1)
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def _version(distribution: str) -> str | None:
+    try:
+        return importlib.metadata.version(distribution)  # no import: triton takes seconds to import
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def _gpu_info() -> dict[str, Any] | None:
+    try:
+        import torch
+
+        if not torch.cuda.is_available():
+            return None
+        props = torch.cuda.get_device_properties(torch.cuda.current_device())
+        return {
+            "name": props.name,
+            "memory_gb": round(props.total_memory / 1e9, 1),
+            "capability": f"{props.major}.{props.minor}",
+            "driver": _nvidia_driver(),
+            "cuda": torch.version.cuda,
+        }
+    except Exception:  # a broken CUDA setup must not stop a report
+        return None
+
+
+def _nvidia_driver() -> str | None:
+    exe = shutil.which("nvidia-smi")
+    if exe is None:
+        return None
+    try:
+        out = subprocess.run(
+            [exe, "--query-gpu=driver_version", "--format=csv,noheader"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=True,
+        ).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.splitlines()[0].strip() if out.strip() else None
+
+
+def system_line(system: Mapping[str, Any]) -> str:
+    """One line for titles: GPU (or CPU), torch version, date."""
+    gpu = system.get("gpu")
+    where = f"{gpu['name']} ({gpu['memory_gb']} GB)" if gpu else f"{system.get('cpu')} ({system.get('cores')} cores)"
+    return f"{where}, torch {system.get('torch')}, ossq {system.get('ossq')}, {system.get('date')}"
+
+
+# ---- terminal -------------------------------------------------------------------------------------------
+def _model_cell(c: Comparison, row: Mapping[str, Any]) -> str:
+    """The value, bold for a winner; with a reference, its change vs the reference too."""
+    text = c.metric.fmt(row.get(c.metric.key))
+    change = c.changes_pct.get(str(row["model"]))
+    if change is not None and row["model"] != c.reference:
+        text += f" ({change:+.1f} %)"
+    return f"[bold green]{text}[/bold green]" if row["model"] in c.winners else text
+
+
+def tables(report: Report) -> list[Table]:
+    """rich Tables: one row per metric with a column per model, the winner and its margin over the
+    runner-up (models side by side stay readable in 80 columns for up to ~4 models, however many
+    metrics); then the models that failed, and one table per series (models × x)."""
+    from rich.table import Table
+
+    ok = [r for r in report.rows if not r.get("error")]
+    table = Table(title=f"{report.title} — {system_line(report.system)}")
+    table.add_column("metric")
+    for row in ok:
+        table.add_column(str(row["model"]), justify="right")
+    table.add_column("winner")
+    table.add_column("vs runner-up", justify="right")
+    for c in report.comparison():
+        table.add_row(c.metric.heading, *(_model_cell(c, r) for r in ok), c.winner_text, c.change_text)
+    out = [table]
+    failed = [r for r in report.rows if r.get("error")]
+    if failed:
+        errors = Table(title="failed")
+        errors.add_column("model")
+        errors.add_column("error", style="red")
+        for row in failed:
+            errors.add_row(str(row["model"]), str(row["error"]))
+        out.append(errors)
+    out.extend(_series_table(s) for s in report.series)
+    return out
+
+
+def _changes_text(c: Comparison) -> str:
+    return ", ".join(f"{m} {p:+.1f} %" for m, p in c.changes_pct.items() if m != c.reference) or "—"
+
+
+def _series_table(series: Series) -> Table:
+    from rich.table import Table
+
+    xs = sorted({x for pts in series.lines.values() for x, _ in pts})
+    table = Table(title=f"{series.y_label} vs {series.x_label}")
+    table.add_column("model")
+    for x in xs:
+        table.add_column(_num(x), justify="right")
+    for model, pts in series.lines.items():
+        ys = dict(pts)
+        table.add_row(model, *(f"{ys[x]:.1f}" if x in ys else "—" for x in xs))
+    return table
+
+
+def _num(x: float) -> str:
+    return str(int(x)) if float(x).is_integer() else f"{x:g}"
+
+
+def print_report(report: Report, console: Console | None = None) -> None:
+    from rich.console import Console
+
+    console = console or Console()
+    for table in tables(report):
+        console.print(table)
+
+
+# ---- JSON and Markdown ----------------------------------------------------------------------------------
+def to_json(report: Report, path: str | Path) -> Path:
+    """Write `report.to_dict()` (schema in the module docstring) as indented JSON."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(report.to_dict(), indent=2, default=str) + "\n")
+    return path
+
+
+def _md_row(cells: Sequence[str]) -> str:
+    return "| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |"
+
+
+def _md_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
+    return [_md_row(header), _md_row(["---"] * len(header)), *(_md_row(r) for r in rows)]
+
+
+def _md_system(report: Report) -> list[str]:
+    s = report.system
+    gpu = s.get("gpu")
+    lines = [f"- **Device**: {s.get('device') or '—'}"]
+    if gpu:
+        lines.append(
+            f"- **GPU**: {gpu['name']}, {gpu['memory_gb']} GB, driver {gpu.get('driver') or '—'}, "
+            f"CUDA {gpu.get('cuda') or '—'}"
+        )
+    lines += [
+        f"- **CPU**: {s.get('cpu') or '—'} ({s.get('cores')} cores), RAM {s.get('ram_gb')} GB",
+        f"- **Software**: ossq {s.get('ossq')}, torch {s.get('torch')}, triton {s.get('triton') or '—'}, "
+        f"Python {s.get('python')}",
+        f"- **Date**: {s.get('date')}",
+    ]
+    lines += [f"- **{k}**: {v}" for k, v in report.settings.items()]
+    return lines
+
+
+def _md_comparison(report: Report) -> list[str]:
+    header = ["metric", "winner", "value", "vs runner-up", "runner-up"]
+    if report.reference:
+        header.append(f"vs {report.reference}")
+    rows = []
+    for c in report.comparison():
+        cells = [c.metric.heading, c.winner_text, c.metric.fmt(c.value), c.change_text, c.runner_up or "—"]
+        if report.reference:
+            cells.append(_changes_text(c))
+        rows.append(cells)
+    return _md_table(header, rows)
+
+
+def _md_model_cells(report: Report, row: Mapping[str, Any]) -> list[str]:
+    if row.get("error"):
+        return [str(row["model"]), f"error: {row['error']}", *[""] * (len(report.metrics) - 1)]
+    return [str(row["model"]), *(m.fmt(row.get(m.key)) for m in report.metrics)]
+
+
+def _md_series(series: Series) -> list[str]:
+    xs = sorted({x for pts in series.lines.values() for x, _ in pts})
+    rows = []
+    for model, pts in series.lines.items():
+        ys = dict(pts)
+        rows.append([model, *(f"{ys[x]:.1f}" if x in ys else "—" for x in xs)])
+    return [f"### {series.y_label} vs {series.x_label}", "", *_md_table(["model", *map(_num, xs)], rows), ""]
+
+
+def markdown(report: Report) -> str:
+    """The report as Markdown a user can paste into a model card."""
+    per_model = [_md_model_cells(report, r) for r in report.rows]
+    lines = [f"## {report.title}", "", "### System", "", *_md_system(report), "", "### Results", ""]
+    lines += _md_table(["model", *(m.heading for m in report.metrics)], per_model)
+    lines += ["", "### Comparison", "", *_md_comparison(report), ""]
+    for s in report.series:
+        lines += _md_series(s)
+    return "\n".join(lines)
+
+
+def to_markdown(report: Report, path: str | Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(markdown(report))
+    return path
+
+
+# ---- plots ----------------------------------------------------------------------------------------------
+def pyplot():
+    """matplotlib.pyplot on the Agg backend (files only, no display needed); OssqError naming the `plot`
+    extra when matplotlib is not installed."""
+    try:
+        import matplotlib
+    except ModuleNotFoundError:
+        raise OssqError("plots need matplotlib: pip install 'ossq[plot]' (or pip install matplotlib)") from None
+    matplotlib.use("Agg")  # files only: works without a display
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_bars(report: Report, metrics: Sequence[Metric] | None = None, path: str | Path = "report.png") -> Path:
+    """One bar subplot per metric (default: all the report's), one bar per model without an error; the
+    winner's bar is highlighted. Written as PNG (or whatever `path`'s suffix names)."""
+    plt = pyplot()
+    metrics = list(metrics or report.metrics)
+    cols = min(3, len(metrics)) or 1
+    nrows = math.ceil(len(metrics) / cols) or 1
+    fig, axes = plt.subplots(nrows, cols, figsize=(4.5 * cols, 3.4 * nrows), squeeze=False)
+    for ax, c in zip(axes.flat, comparison(report.rows, metrics, report.reference), strict=False):
+        values = _valid(report.rows, c.metric.key)
+        colors = ["tab:green" if m in c.winners else "tab:gray" for m, _ in values]
+        ax.bar([m for m, _ in values], [v for _, v in values], color=colors)
+        ax.set_title(c.metric.heading + ("" if c.metric.higher_is_better else " (lower is better)"), fontsize=9)
+        ax.tick_params(axis="x", labelrotation=20, labelsize=7)
+    for ax in list(axes.flat)[len(metrics) :]:
+        ax.axis("off")
+    fig.suptitle(f"{report.title}\n{system_line(report.system)}", fontsize=9)
+    return _save(fig, plt, path)
+
+
+def plot_lines(
+    series: Mapping[str, Sequence[tuple[float, float]]],
+    path: str | Path,
+    x_label: str,
+    y_label: str,
+    *,
+    title: str | None = None,
+    log_x: bool = True,
+) -> Path:
+    """One line per model of (x, y) points, e.g. decode tok/s vs context length (log x axis by default,
+    as context lengths grow geometrically)."""
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(6.4, 4.0))
+    for model, pts in series.items():
+        ax.plot([x for x, _ in pts], [y for _, y in pts], marker="o", label=model)
+    if log_x:
+        ax.set_xscale("log", base=2)
+    ax.set_xlabel(x_label)
+    ax.set_ylabel(y_label)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    if title:
+        ax.set_title(title, fontsize=9)
+    return _save(fig, plt, path)
+
+
+def _save(fig, plt, path: str | Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
