@@ -40,7 +40,17 @@ from ossq.errors import OssqError
 from ossq.formats.hf import Checkpoint
 from ossq.formats.mlx import QuantSpec
 from ossq.quant.recipe import Plan, Recipe
-from ossq.report import Metric, Report, Series, plot_bars, plot_lines, print_report, pyplot, system_info
+from ossq.report import (
+    Metric,
+    Report,
+    Series,
+    model_names,
+    plot_bars,
+    plot_lines,
+    print_report,
+    pyplot,
+    system_info,
+)
 from ossq.report import to_json as write_json
 from ossq.report import to_markdown as write_markdown
 from ossq.tokenizer import N_RANKS
@@ -365,13 +375,6 @@ def _free(device: torch.device) -> None:
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
-
-
-def model_names(models: Sequence[str]) -> list[str]:
-    """Short unique display names: the directory name, or the whole argument when two would clash."""
-    short = [Path(m).name or m for m in models]
-    names = [s if short.count(s) == 1 else m for s, m in zip(short, models, strict=True)]
-    return [n if names.count(n) == 1 else f"{n}#{names[: i + 1].count(n)}" for i, n in enumerate(names)]
 
 
 def _check(prompt_tokens: int, gen_tokens: int, repeats: int, warmup: int) -> None:

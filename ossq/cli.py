@@ -78,6 +78,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     _add_outputs(p)
 
+    p = sub.add_parser("ppl", help="perplexity (and KL vs a reference) of one or more checkpoints")
+    p.add_argument("-m", "--model", dest="models", action="append", required=True,
+                   help="checkpoint directory or hub id (repeat to compare)")
+    p.add_argument("--data", default=None,
+                   help="text/JSONL file, directory, or a Hugging Face dataset name[:config[:split]] "
+                        "(default: WikiText-2 raw test, needs the network and `datasets`)")
+    p.add_argument("--doc-separator", default=None, help="regex splitting a text file into documents")
+    p.add_argument("--window", type=int, default=4096)
+    p.add_argument("--stride", type=int, default=None, help="default: the window")
+    p.add_argument("--max-tokens", type=int, default=100_000)
+    p.add_argument("--eos-between-docs", action=argparse.BooleanOptionalAction, default=True)
+    p.add_argument("--reference", default=None, help="model the change in percent is relative to")
+    p.add_argument("--kl-reference", default=None, help="model whose distribution KL is measured against")
+    p.add_argument("--device", default=None)
+    _add_outputs(p)
+
     p = sub.add_parser("quickstart", help="synthesize a tiny model and chat with it: a smoke test of the install")
     p.add_argument("--cache-dir", type=Path, default=None, help="where to keep the tiny model")
     return parser
@@ -157,6 +173,19 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_ppl(args: argparse.Namespace) -> int:
+    from ossq.perplexity import DEFAULT_DATASET, perplexity
+    from ossq.report import print_report
+
+    result = perplexity(args.models, data=args.data or DEFAULT_DATASET, window=args.window, stride=args.stride,
+                        max_tokens=args.max_tokens, eos_between_docs=args.eos_between_docs,
+                        doc_separator=args.doc_separator, reference=args.reference,
+                        kl_reference=args.kl_reference, device=args.device, json_path=args.json_path,
+                        markdown_path=args.markdown_path, plot_path=args.plot_path)
+    print_report(result.report)
+    return 1 if any(r.error for r in result.results) else 0
+
+
 def cmd_quickstart(args: argparse.Namespace) -> int:
     from ossq.quickstart import quickstart
 
@@ -169,6 +198,7 @@ COMMANDS = {
     "chat": cmd_chat,
     "synth": cmd_synth,
     "bench": cmd_bench,
+    "ppl": cmd_ppl,
     "quickstart": cmd_quickstart,
 }
 

@@ -499,3 +499,10 @@ def _save(fig, plt, path: str | Path) -> Path:
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
+
+
+def model_names(models: Sequence[str]) -> list[str]:
+    """Short unique display names: the directory name, or the whole argument when two would clash."""
+    short = [Path(m).name or m for m in models]
+    names = [s if short.count(s) == 1 else m for s, m in zip(short, models, strict=True)]
+    return [n if names.count(n) == 1 else f"{n}#{names[: i + 1].count(n)}" for i, n in enumerate(names)]

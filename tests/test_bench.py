@@ -18,7 +18,6 @@ from ossq.bench import (
     RunStats,
     bench,
     length_label,
-    model_names,
     parse_lengths,
     prompt_ids,
     time_run,
@@ -26,6 +25,7 @@ from ossq.bench import (
 from ossq.config import ModelConfig, read_config_json
 from ossq.engine.generate import load
 from ossq.errors import OssqError
+from ossq.report import model_names
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 PROMPT, GEN, REPEATS, WARMUP = 16, 8, 2, 1
