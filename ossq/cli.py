@@ -64,6 +64,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu", help="where to draw the random weights (cuda is faster)")
     p.add_argument("--force", action="store_true", help="replace an existing output directory")
 
+    p = sub.add_parser("convert", help="quantize a checkpoint into the MLX format (mlx_lm.convert's flags)")
+    p.add_argument("--hf-path", required=True, help="source: checkpoint directory or hub id (any layout)")
+    p.add_argument("--mlx-path", required=True, type=Path, help="destination directory (must not exist)")
+    p.add_argument("-q", "--quantize", action="store_true", help="quantize (default 4-bit, group 64)")
+    p.add_argument("--q-bits", type=int, default=None)
+    p.add_argument("--q-group-size", type=int, default=None)
+    p.add_argument("--q-mode", default="affine", choices=("affine", "mxfp4"))
+    p.add_argument("--quant-predicate", default=None,
+                   help="recipe: mixed_2_6, mixed_3_4, mixed_3_6, mixed_4_6, tiered, mxfp4-experts, or a file")
+    p.add_argument("--dtype", default=None, choices=("float16", "bfloat16", "float32"))
+    p.add_argument("-d", "--dequantize", action="store_true", help="write an unquantized (bf16) checkpoint")
+    p.add_argument("--experts", default="keep", choices=("keep", "quantize"),
+                   help="MXFP4 experts of the source: keep them (mlx-lm's choice) or quantize them too")
+    p.add_argument("--force", action="store_true", help="replace an existing destination")
+    p.add_argument("--dry-run", action="store_true", help="print the per-tensor plan and size, write nothing")
+    p.add_argument("--device", default=None, help="quantize on this device (cuda is faster; same bits)")
+
     p = sub.add_parser("bench", help="batch-1 speed of one or more checkpoints, side by side")
     p.add_argument("-m", "--model", dest="models", action="append", required=True,
                    help="checkpoint directory or hub id (repeat to compare)")
@@ -164,6 +181,15 @@ def cmd_synth(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_convert(args: argparse.Namespace) -> int:
+    from ossq.convert import convert
+
+    convert(args.hf_path, args.mlx_path, quantize=args.quantize, q_bits=args.q_bits, q_group_size=args.q_group_size,
+            q_mode=args.q_mode, quant_predicate=args.quant_predicate, dtype=args.dtype, dequantize=args.dequantize,
+            experts=args.experts, force=args.force, dry_run=args.dry_run, device=args.device)
+    return 0
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     from ossq.bench import bench
 
@@ -197,6 +223,7 @@ COMMANDS = {
     "generate": cmd_generate,
     "chat": cmd_chat,
     "synth": cmd_synth,
+    "convert": cmd_convert,
     "bench": cmd_bench,
     "ppl": cmd_ppl,
     "quickstart": cmd_quickstart,

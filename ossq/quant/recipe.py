@@ -98,13 +98,16 @@ class Recipe:
     `skip_group` is mlx-lm's global group size: an affine module whose row length it does not divide is
     left unquantized (utils.quantize_model), e.g. with 128 only o_proj (4096 wide) is quantized.
     `group_size_null` asks the config writer for mlx-lm's `"group_size": null` in every per-path entry,
-    which mlx-lm writes for a mixed recipe run without `--q-group-size` (formats.md §3.7)."""
+    which mlx-lm writes for a mixed recipe run without `--q-group-size` (formats.md §3.7).
+    `explicit_entries` asks for a per-path entry for every module the recipe quantizes, even one equal to
+    the top level, as mlx-lm writes for a predicate that returns a dict for every module (the mixed ones)."""
 
     name: str
     top: QuantSpec
     rules: tuple[Rule, ...]
     skip_group: int | None = None
     group_size_null: bool = False
+    explicit_entries: bool = False
 
     def spec_for(self, mod: LinearInfo, config: ModelConfig) -> QuantSpec | None:
         for rule in self.rules:
@@ -135,7 +138,8 @@ def mixed(name: str, group_size: int | None = None, *, bits: int | None = None) 
         Rule(("lm_head",), QuantSpec(high, g)),
         Rule(("*",), QuantSpec(low, g)),
     )
-    return Recipe(name, QuantSpec(bits or 4, g), rules, skip_group=g, group_size_null=group_size is None)
+    return Recipe(name, QuantSpec(bits or 4, g), rules, skip_group=g, group_size_null=group_size is None,
+                  explicit_entries=True)
 
 
 def tiered(group_size: int = 64) -> Recipe:

