@@ -34,6 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from ossq import __version__
 from ossq.errors import OssqError
 
 if TYPE_CHECKING:
@@ -212,7 +213,7 @@ def system_info(device: str | None = None) -> dict[str, Any]:
         "platform": platform.platform(),
         "torch": _version("torch"),
         "triton": _version("triton"),
-        "ossq": _version("ossq"),
+        "ossq": _version("ossq") or __version__,
     }
 
 

@@ -22,13 +22,20 @@ from ossq.quant import affine, mxfp4
 def dequantize(lin: Any, index: Any = slice(None), dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """Full-precision rows of `lin`'s weight selected by `index` along its first axis (an expert, a tensor
     of embedding rows, or everything)."""
-    w, s, b = (None if t is None else t[index] for t in (lin.weight, lin.scales, lin.biases))
+    w, s, b = (None if t is None else _take(t, index) for t in (lin.weight, lin.scales, lin.biases))
     spec = lin.spec
     if spec is None:
         return w.to(dtype)
     if spec.mode == "mxfp4":
         return mxfp4.decode(w, s, dtype=dtype)
     return affine.dequantize(w, s, b, bits=spec.bits, group_size=spec.group_size, dtype=dtype)
+
+
+def _take(t: torch.Tensor, index: Any) -> torch.Tensor:
+    # CUDA has no gather kernel for uint32: gather the same bits as int32.
+    if t.dtype == torch.uint32 and isinstance(index, torch.Tensor):
+        return t.view(torch.int32)[index].view(torch.uint32)
+    return t[index]
 
 
 class TorchOps:

@@ -21,6 +21,14 @@ from ossq.errors import UnsupportedQuantization
 BITS = (2, 3, 4, 5, 6, 8)
 GROUP_SIZES = (32, 64, 128)
 CHUNK_ELEMENTS = 1 << 20  # elements per row chunk; bounds the temporaries of quantize/dequantize
+# On a GPU each chunk costs dozens of kernel launches and memory is plentiful: dequantizing runs in fewer,
+# larger chunks there (≈ 2 GB of temporaries at most).
+GPU_CHUNK_ELEMENTS = 1 << 26
+
+
+def chunk_elements(device: torch.device) -> int:
+    """Elements per chunk when dequantizing on `device`."""
+    return CHUNK_ELEMENTS if device.type == "cpu" else GPU_CHUNK_ELEMENTS
 _MIN_SCALE = 1e-7  # mlx's floor on |scale| (a float32 literal there)
 
 
@@ -100,7 +108,7 @@ def dequantize(
     words = wq.reshape(-1, wq.shape[-1])
     s, b = scales.reshape(-1, k // group_size), biases.reshape(-1, k // group_size)
     out = torch.empty(words.shape[0], k, dtype=dtype, device=wq.device)
-    for r0, r1 in _row_chunks(words.shape[0], k):
+    for r0, r1 in _row_chunks(words.shape[0], k, chunk_elements(wq.device)):
         q = unpack(words[r0:r1], bits).float().reshape(r1 - r0, -1, group_size)  # [R, K/G, G]
         w = q * s[r0:r1, :, None].float() + b[r0:r1, :, None].float()
         out[r0:r1] = w.reshape(r1 - r0, k)
@@ -144,7 +152,7 @@ def _as_words(stream: torch.Tensor) -> torch.Tensor:
     return stream.contiguous().view(torch.uint32)
 
 
-def _row_chunks(n_rows: int, row_len: int) -> list[tuple[int, int]]:
-    """[r0, r1) ranges of at most max(1, CHUNK_ELEMENTS // row_len) rows covering n_rows."""
-    step = max(1, CHUNK_ELEMENTS // max(row_len, 1))
+def _row_chunks(n_rows: int, row_len: int, chunk: int = CHUNK_ELEMENTS) -> list[tuple[int, int]]:
+    """[r0, r1) ranges of at most max(1, chunk // row_len) rows covering n_rows."""
+    step = max(1, chunk // max(row_len, 1))
     return [(r0, min(r0 + step, n_rows)) for r0 in range(0, n_rows, step)]

@@ -19,6 +19,7 @@ from collections.abc import Callable
 import torch
 
 from ossq.errors import UnsupportedQuantization
+from ossq.quant.affine import chunk_elements
 
 E2M1 = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0)
 BLOCK = 32  # elements per shared scale
@@ -49,7 +50,7 @@ def decode_blocks(blocks: torch.Tensor, scales: torch.Tensor, *, dtype: torch.dt
     flat_blocks, flat_scales = blocks.reshape(-1, BLOCK // 2), scales.reshape(-1)
     pairs = _pair_table(blocks.device)
     out = torch.empty(flat_scales.shape[0], BLOCK, dtype=dtype, device=blocks.device)
-    step = max(1, CHUNK_ELEMENTS // BLOCK)
+    step = max(1, chunk_elements(blocks.device) // BLOCK)
     for b0 in range(0, flat_scales.shape[0], step):
         b1 = min(b0 + step, flat_scales.shape[0])
         values = pairs[flat_blocks[b0:b1].int()].reshape(b1 - b0, BLOCK)  # [n, 32] float32
