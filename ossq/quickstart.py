@@ -1,15 +1,23 @@
-"""`ossq quickstart`: prove an install end to end with no download — synthesize a tiny gpt-oss in the
-published layout (cached), load it, and chat with it in the harmony format."""
+"""`ossq quickstart`: the whole job end to end, with no download — synthesize a tiny gpt-oss in the published
+layout, chat with it in the harmony format, convert it to 4-bit MLX format and chat with that, then bench
+and score both side by side. Everything is cached under the ossq cache directory."""
 
 from __future__ import annotations
 
+import argparse
+import json
+import textwrap
 from pathlib import Path
 
 from rich.console import Console
 
-from ossq.chat import answer, interactive, load_for_chat
+from ossq.bench import bench
+from ossq.chat import answer, load_for_chat
+from ossq.convert import convert
 from ossq.engine.sampling import SamplingParams
 from ossq.harmony import Chat
+from ossq.perplexity import perplexity
+from ossq.report import print_report
 from ossq.synth import synthesize
 from ossq.tokenizer import cache_dir as default_cache_dir
 
@@ -19,16 +27,36 @@ QUESTION = "What is the capital of France?"
 def quickstart(*, cache_dir: Path | None = None, interactive_chat: bool = False) -> None:
     console = Console(highlight=False)
     root = (cache_dir or default_cache_dir()) / "quickstart"
-    model_dir = root / "tiny"
-    if not model_dir.exists():
+    source, quantized = root / "tiny", root / "tiny-4bit"
+    if not source.exists():
         with console.status("synthesizing a tiny gpt-oss checkpoint"):
-            synthesize(model_dir, config="tiny", seed=0)
-    console.print(f"tiny gpt-oss (random weights) at {model_dir}", style="bold")
-    model, tokenizer = load_for_chat(model_dir, device="cpu")
-    console.print("Its weights are random, so the text is noise: this checks the pipeline, not the model.")
+            synthesize(source, config="tiny", seed=0)
+    console.rule(f"1. chat: {source} (random weights: the text is noise, the pipeline is what is checked)")
+    _ask(source, console)
+    if not quantized.exists():
+        console.rule("2. convert to MLX format, 4-bit group 64, experts included")
+        convert(source, quantized, quantize=True, q_bits=4, q_group_size=64, experts="quantize", console=console)
+    console.rule(f"3. chat: {quantized}")
+    model, tokenizer, chat = _ask(quantized, console)
+    console.rule("4. bench: speed side by side")
+    bench([str(source), str(quantized)], prompt_tokens=32, gen_tokens=16, repeats=2, warmup=1, device="cpu")
+    console.rule("5. perplexity and KL of the 4-bit model against the original")
+    text = root / "sample-text.txt"  # English prose every Python carries: a few standard modules' docs
+    text.write_text("\n\n".join(m.__doc__ or "" for m in (argparse, json, textwrap)))
+    result = perplexity([str(source), str(quantized)], data=str(text), window=64, max_tokens=4096,
+                        kl_reference=str(source), reference=str(source), device="cpu", progress=False)
+    print_report(result.report, console=console)
+    if interactive_chat:
+        from ossq.chat import interactive
+
+        interactive(model, tokenizer, chat, console=console, sampling=SamplingParams(temperature=0.8),
+                    max_tokens=128)
+
+
+def _ask(path: Path, console: Console):
+    model, tokenizer = load_for_chat(path, device="cpu")
     chat = Chat(reasoning_effort="low")
     chat.add_user(QUESTION)
     console.print(f">>> {QUESTION}", style="bold green")
-    answer(model, tokenizer, chat, sampling=SamplingParams(temperature=0.8, seed=0), max_tokens=32, console=console)
-    if interactive_chat:
-        interactive(model, tokenizer, chat, console=console, sampling=SamplingParams(temperature=0.8), max_tokens=128)
+    answer(model, tokenizer, chat, sampling=SamplingParams(temperature=0.8, seed=0), max_tokens=24, console=console)
+    return model, tokenizer, chat
