@@ -40,19 +40,7 @@ from ossq.errors import OssqError
 from ossq.formats.hf import Checkpoint
 from ossq.formats.mlx import QuantSpec
 from ossq.quant.recipe import Plan, Recipe
-from ossq.report import (
-    Metric,
-    Report,
-    Series,
-    model_names,
-    plot_bars,
-    plot_lines,
-    print_report,
-    pyplot,
-    system_info,
-)
-from ossq.report import to_json as write_json
-from ossq.report import to_markdown as write_markdown
+from ossq.report import Metric, Report, Series, model_names, print_report, pyplot, system_info, write_files
 from ossq.tokenizer import N_RANKS
 
 LENGTH_RE = re.compile(r"(\d+)([kK]?)")
@@ -432,7 +420,7 @@ def bench(
     result = BenchReport(results, settings, system)
     if console:
         print_report(result.report())
-    write_outputs(result, json_path=json_path, markdown_path=markdown_path, plot_path=plot_path)
+    write_files(result.report(), json_path=json_path, markdown_path=markdown_path, plot_path=plot_path)
     return result
 
 
@@ -444,27 +432,3 @@ def _console():
     from rich.console import Console
 
     return Console(stderr=True)
-
-
-def write_outputs(
-    result: BenchReport,
-    *,
-    json_path: str | Path | None = None,
-    markdown_path: str | Path | None = None,
-    plot_path: str | Path | None = None,
-) -> list[Path]:
-    """The files asked for. The plot is bars per metric at `plot_path`; after a context sweep, also
-    `<stem>-<series name><suffix>` per series (decode and prefill tok/s vs context length)."""
-    report = result.report()
-    written = []
-    if json_path:
-        written.append(write_json(report, json_path))
-    if markdown_path:
-        written.append(write_markdown(report, markdown_path))
-    if plot_path:
-        plot_path = Path(plot_path)
-        written.append(plot_bars(report, report.metrics, plot_path))
-        for s in report.series:
-            path = plot_path.with_name(f"{plot_path.stem}-{s.name}{plot_path.suffix}")
-            written.append(plot_lines(s.lines, path, s.x_label, s.y_label, title=f"{s.y_label} vs context"))
-    return written

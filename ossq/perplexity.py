@@ -44,7 +44,7 @@ from ossq.engine.generate import ENDOFTEXT
 from ossq.engine.load import default_device, load_model
 from ossq.engine.model import GptOss
 from ossq.errors import OssqError, PromptTooLong
-from ossq.report import Metric, Report, model_names, plot_bars, system_info, to_json, to_markdown
+from ossq.report import Metric, Report, model_names, system_info, write_files
 from ossq.tokenizer import Tokenizer
 
 DEFAULT_DATASET = "wikitext:wikitext-2-raw-v1:test"
@@ -364,27 +364,6 @@ class PplReport:
         return Report("ppl", title, self.system, self.settings, metrics, rows, reference)
 
 
-def write_outputs(
-    result: PplReport,
-    *,
-    json_path: str | Path | None = None,
-    markdown_path: str | Path | None = None,
-    plot_path: str | Path | None = None,
-) -> list[Path]:
-    """Write the requested files through report.py; the plot has a bar chart of perplexity (and of the
-    KL figures when measured)."""
-    report = result.report
-    written = []
-    if json_path:
-        written.append(to_json(report, json_path))
-    if markdown_path:
-        written.append(to_markdown(report, markdown_path))
-    if plot_path:
-        shown = [m for m in report.metrics if m not in (STD_ERROR, SPEED)]
-        written.append(plot_bars(report, shown, plot_path))
-    return written
-
-
 # ---- the command ----------------------------------------------------------------------------------------
 def read_tokens(
     data: str | Path, *, max_tokens: int, eos_between_docs: bool = True, doc_separator: str | None = None
@@ -455,7 +434,8 @@ def perplexity(
         "device": str(dev),
     }
     result = PplReport(results, settings, reference, system_info(str(dev)))
-    write_outputs(result, json_path=json_path, markdown_path=markdown_path, plot_path=plot_path)
+    write_files(result.report, json_path=json_path, markdown_path=markdown_path, plot_path=plot_path,
+                plot_metrics=[m for m in result.report.metrics if m not in (STD_ERROR, SPEED)])
     return result
 
 

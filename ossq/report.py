@@ -507,3 +507,21 @@ def model_names(models: Sequence[str]) -> list[str]:
     short = [Path(m).name or m for m in models]
     names = [s if short.count(s) == 1 else m for s, m in zip(short, models, strict=True)]
     return [n if names.count(n) == 1 else f"{n}#{names[: i + 1].count(n)}" for i, n in enumerate(names)]
+
+
+def write_files(report: Report, *, json_path: str | Path | None = None, markdown_path: str | Path | None = None,
+                plot_path: str | Path | None = None, plot_metrics: Sequence[Metric] | None = None) -> list[Path]:
+    """The files asked for: JSON, Markdown, and bars of `plot_metrics` (default all) at `plot_path`, plus
+    `<stem>-<series name><suffix>` per series (e.g. decode tok/s against context length)."""
+    written = []
+    if json_path:
+        written.append(to_json(report, json_path))
+    if markdown_path:
+        written.append(to_markdown(report, markdown_path))
+    if plot_path:
+        plot_path = Path(plot_path)
+        written.append(plot_bars(report, list(plot_metrics or report.metrics), plot_path))
+        for s in report.series:
+            path = plot_path.with_name(f"{plot_path.stem}-{s.name}{plot_path.suffix}")
+            written.append(plot_lines(s.lines, path, s.x_label, s.y_label, title=f"{s.y_label} vs context"))
+    return written

@@ -6,7 +6,9 @@ import dataclasses
 import os
 import tempfile
 
+import numpy as np
 import pytest
+import torch
 
 from ossq.config import PRESETS, ModelConfig
 
@@ -40,3 +42,13 @@ def small_checkpoint(tmp_path_factory):
     from ossq.synth import synthesize
 
     return synthesize(tmp_path_factory.mktemp("ckpt") / "small", config=small_config(), seed=1, max_shard_bytes=200_000)
+
+
+def to_mx(t: torch.Tensor):
+    """A torch tensor as an mlx array with the same bits (bf16 travels as uint16)."""
+    mx = pytest.importorskip("mlx.core")
+    if t.dtype == torch.bfloat16:
+        return mx.array(t.view(torch.int16).numpy().view(np.uint16)).view(mx.bfloat16)
+    if t.dtype == torch.uint32:
+        return mx.array(t.view(torch.int32).numpy().view(np.uint32))
+    return mx.array(t.numpy())

@@ -6,19 +6,10 @@ import torch
 
 from ossq.errors import UnsupportedQuantization
 from ossq.quant import affine
+from tests.conftest import to_mx
 
 DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 K = 256  # divisible by every group size
-
-
-def to_mx(t: torch.Tensor):
-    """A torch tensor as an mlx array with the same bits (bf16 travels as uint16)."""
-    mx = pytest.importorskip("mlx.core")
-    if t.dtype == torch.bfloat16:
-        return mx.array(t.view(torch.int16).numpy().view(np.uint16)).view(mx.bfloat16)
-    if t.dtype == torch.uint32:
-        return mx.array(t.view(torch.int32).numpy().view(np.uint32))
-    return mx.array(t.numpy())
 
 
 def mx_bits(a) -> np.ndarray:

@@ -6,16 +6,7 @@ import torch
 
 from ossq.errors import UnsupportedQuantization
 from ossq.quant import mxfp4
-
-
-def to_mx(t: torch.Tensor):
-    """A torch tensor as an mlx array with the same bits (bf16 travels as uint16)."""
-    mx = pytest.importorskip("mlx.core")
-    if t.dtype == torch.bfloat16:
-        return mx.array(t.view(torch.int16).numpy().view(np.uint16)).view(mx.bfloat16)
-    if t.dtype == torch.uint32:
-        return mx.array(t.view(torch.int32).numpy().view(np.uint32))
-    return mx.array(t.numpy())
+from tests.conftest import to_mx
 
 
 def bits_of(values) -> np.ndarray:
