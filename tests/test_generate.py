@@ -115,3 +115,24 @@ def test_quickstart_runs_end_to_end(tmp_path, capsys):
     assert main(["quickstart", "--cache-dir", str(tmp_path)]) == 0
     out = capsys.readouterr().out
     assert "What is the capital of France?" in out and "generation:" in out
+
+
+def test_cli_chat_keeps_history_across_turns_and_exits(tiny_checkpoint, monkeypatch, capsys):
+    import io
+
+    from ossq import chat as chat_mod
+
+    prompts = []
+    real = chat_mod.stream_generate
+
+    def spy(model, tokenizer, prompt, **kwargs):
+        prompts.append(list(prompt))
+        return real(model, tokenizer, prompt, **kwargs)
+
+    monkeypatch.setattr(chat_mod, "stream_generate", spy)
+    monkeypatch.setattr("sys.stdin", io.StringIO("first question\nsecond question\n/exit\n"))
+    assert main(["chat", "-m", str(tiny_checkpoint), "--max-tokens", "4", "--reasoning-effort", "low"]) == 0
+    assert len(prompts) == 2 and len(prompts[1]) > len(prompts[0])
+    tokenizer = load(tiny_checkpoint, device="cpu")[1]
+    assert "first question" in tokenizer.decode(prompts[1]) and "Reasoning: low" in tokenizer.decode(prompts[0])
+    assert capsys.readouterr().out.count("generation: 4 tokens") == 2
