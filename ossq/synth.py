@@ -22,8 +22,7 @@ from safetensors.torch import save_file
 
 from ossq.config import ModelConfig, preset
 from ossq.errors import OssqError
-from ossq.formats.hf import INDEX_FILE
-from ossq.formats.mlx import layer_prefix
+from ossq.formats.mlx import INDEX_FILE, layer_prefix
 from ossq.tokenizer import write_tokenizer_files
 
 MAX_SHARD_BYTES = 5 * 10**9
@@ -158,6 +157,7 @@ def synthesize(
         (tmp / "config.json").write_text(json.dumps(hf_config_dict(config), indent=2))
         (tmp / "generation_config.json").write_text(json.dumps(generation_config_dict(config), indent=2))
         write_tokenizer_files(tmp)
+        tmp.chmod(0o755)  # mkdtemp makes it private; the published checkpoint is an ordinary directory
         if out.exists():
             shutil.rmtree(out)
         tmp.rename(out)

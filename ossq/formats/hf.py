@@ -24,10 +24,9 @@ from safetensors import safe_open
 
 from ossq.config import ModelConfig, read_config_json
 from ossq.errors import CheckpointError
-from ossq.formats.mlx import QuantSpec, expected_tensors, linear_modules, specs_from_config
+from ossq.formats.mlx import INDEX_FILE, QuantSpec, expected_tensors, linear_modules, specs_from_config
 from ossq.quant import mxfp4
 
-INDEX_FILE = "model.safetensors.index.json"
 HUB_PATTERNS = ["*.json", "*.safetensors", "*.jinja", "*.txt"]
 _DTYPE_BYTES = {
     "BOOL": 1,
