@@ -5,10 +5,12 @@ from __future__ import annotations
 import dataclasses
 import os
 import tempfile
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from safetensors import safe_open
 
 from ossq.config import PRESETS, ModelConfig
 
@@ -52,3 +54,12 @@ def to_mx(t: torch.Tensor):
     if t.dtype == torch.uint32:
         return mx.array(t.view(torch.int32).numpy().view(np.uint32))
     return mx.array(t.numpy())
+
+
+def tensors(path: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of a checkpoint directory, by name."""
+    out = {}
+    for shard in sorted(path.glob("model*.safetensors")):
+        with safe_open(str(shard), framework="pt") as f:
+            out.update({k: f.get_tensor(k) for k in f.keys()})
+    return out

@@ -15,7 +15,6 @@ from pathlib import Path
 import pytest
 import torch
 from rich.console import Console
-from safetensors import safe_open
 
 from ossq.convert import convert
 from ossq.engine.load import load_model
@@ -23,21 +22,13 @@ from ossq.engine.ops import dequantize
 from ossq.errors import CheckpointError, OssqError, UnsupportedQuantization
 from ossq.formats.mlx import ShardWriter, TensorEntry, config_json
 from ossq.synth import synthesize
-from tests.conftest import small_config
+from tests.conftest import small_config, tensors
 
 QUIET = {"progress": False}
 
 
 def quiet_console() -> Console:
     return Console(file=io.StringIO(), width=200)
-
-
-def tensors(path: Path) -> dict[str, torch.Tensor]:
-    out = {}
-    for shard in sorted(path.glob("model*.safetensors")):
-        with safe_open(str(shard), framework="pt") as f:
-            out.update({k: f.get_tensor(k) for k in f.keys()})
-    return out
 
 
 def leftovers(parent: Path) -> list[str]:

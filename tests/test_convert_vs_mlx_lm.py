@@ -31,6 +31,7 @@ from ossq.engine.model import yarn_inv_freq
 from ossq.formats.hf import Checkpoint
 from ossq.formats.mlx import QuantSpec, TensorEntry, expected_tensors, parameter_order, shard_plan
 from ossq.quant.recipe import plan, uniform
+from tests.conftest import tensors
 
 mx = pytest.importorskip("mlx.core")
 mlx_lm = pytest.importorskip("mlx_lm")
@@ -109,14 +110,6 @@ def ours(work, theirs) -> Path:
         src = work / "mxfp4" if source == "mxfp4" else theirs / "bf16"
         for name, (_, kwargs) in FLAGS.items():
             convert(src, out / f"{source}-{name}", progress=False, **kwargs)
-    return out
-
-
-def tensors(path: Path) -> dict[str, torch.Tensor]:
-    out = {}
-    for shard in sorted(path.glob("model*.safetensors")):
-        with safe_open(str(shard), framework="pt") as f:
-            out.update({k: f.get_tensor(k) for k in f.keys()})
     return out
 
 
