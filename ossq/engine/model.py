@@ -86,23 +86,25 @@ def yarn_inv_freq(config: ModelConfig) -> torch.Tensor:
     return interpolation * (1 - extrapolation_factor) + extrapolation * extrapolation_factor
 
 
+class LinearBuilder:
+    """Makes the Linear of an MLX module path, stored as `specs` says, in `dtype`."""
+
+    def __init__(self, config: ModelConfig, specs: dict[str, QuantSpec | None], dtype: torch.dtype) -> None:
+        self.infos: dict[str, LinearInfo] = {m.path: m for m in linear_modules(config)}
+        self.specs, self.dtype = specs, dtype
+
+    def __call__(self, path: str) -> Linear:
+        return Linear(self.infos[path], self.specs.get(path), self.dtype)
+
+
 class Attention(nn.Module):
-    def __init__(
-        self,
-        config: ModelConfig,
-        layer: int,
-        mods: dict[str, LinearInfo],
-        specs: dict[str, QuantSpec | None],
-        dtype: torch.dtype,
-        ops: TorchOps,
-    ) -> None:
+    def __init__(self, config: ModelConfig, layer: int, make: LinearBuilder, ops: TorchOps) -> None:
         super().__init__()
         self.layer, self.ops, self.head_dim = layer, ops, config.head_dim
         self.scale = config.head_dim**-0.5
         for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
-            path = f"model.layers.{layer}.self_attn.{name}"
-            setattr(self, name, Linear(mods[path], specs.get(path), dtype))
-        self.register_buffer("sinks", torch.zeros(config.num_attention_heads, dtype=dtype))
+            setattr(self, name, make(f"model.layers.{layer}.self_attn.{name}"))
+        self.register_buffer("sinks", torch.zeros(config.num_attention_heads, dtype=make.dtype))
 
     def forward(
         self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, positions: torch.Tensor, cache: KVCache
@@ -121,40 +123,28 @@ class Attention(nn.Module):
 
 
 class Experts(nn.Module):
-    def __init__(
-        self, prefix: str, mods: dict[str, LinearInfo], specs: dict[str, QuantSpec | None], dtype: torch.dtype
-    ) -> None:
+    def __init__(self, prefix: str, make: LinearBuilder) -> None:
         super().__init__()
         for name in ("gate_proj", "up_proj", "down_proj"):
-            setattr(self, name, Linear(mods[f"{prefix}.{name}"], specs.get(f"{prefix}.{name}"), dtype))
+            setattr(self, name, make(f"{prefix}.{name}"))
 
 
 class MLP(nn.Module):
-    def __init__(
-        self, layer: int, mods: dict[str, LinearInfo], specs: dict[str, QuantSpec | None], dtype: torch.dtype
-    ) -> None:
+    def __init__(self, layer: int, make: LinearBuilder) -> None:
         super().__init__()
         prefix = f"model.layers.{layer}.mlp"
-        self.router = Linear(mods[f"{prefix}.router"], specs.get(f"{prefix}.router"), dtype)
-        self.experts = Experts(f"{prefix}.experts", mods, specs, dtype)
+        self.router = make(f"{prefix}.router")
+        self.experts = Experts(f"{prefix}.experts", make)
 
 
 class Block(nn.Module):
-    def __init__(
-        self,
-        config: ModelConfig,
-        layer: int,
-        mods: dict[str, LinearInfo],
-        specs: dict[str, QuantSpec | None],
-        dtype: torch.dtype,
-        ops: TorchOps,
-    ) -> None:
+    def __init__(self, config: ModelConfig, layer: int, make: LinearBuilder, ops: TorchOps) -> None:
         super().__init__()
         self.config, self.ops = config, ops
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.self_attn = Attention(config, layer, mods, specs, dtype, ops)
+        self.self_attn = Attention(config, layer, make, ops)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.mlp = MLP(layer, mods, specs, dtype)
+        self.mlp = MLP(layer, make)
 
     def forward(
         self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, positions: torch.Tensor, cache: KVCache
@@ -176,17 +166,10 @@ class Block(nn.Module):
 
 
 class Body(nn.Module):
-    def __init__(
-        self,
-        config: ModelConfig,
-        mods: dict[str, LinearInfo],
-        specs: dict[str, QuantSpec | None],
-        dtype: torch.dtype,
-        ops: TorchOps,
-    ) -> None:
+    def __init__(self, config: ModelConfig, make: LinearBuilder, ops: TorchOps) -> None:
         super().__init__()
-        self.embed_tokens = Linear(mods["model.embed_tokens"], specs.get("model.embed_tokens"), dtype)
-        self.layers = nn.ModuleList(Block(config, i, mods, specs, dtype, ops) for i in range(config.num_hidden_layers))
+        self.embed_tokens = make("model.embed_tokens")
+        self.layers = nn.ModuleList(Block(config, i, make, ops) for i in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
 
@@ -205,9 +188,9 @@ class GptOss(nn.Module):
         self.config, self.dtype = config, dtype
         self.ops = ops or TorchOps()
         self.specs = dict(specs or {})
-        mods = {m.path: m for m in linear_modules(config)}
-        self.model = Body(config, mods, self.specs, dtype, self.ops)
-        self.lm_head = Linear(mods["lm_head"], self.specs.get("lm_head"), dtype)
+        make = LinearBuilder(config, self.specs, dtype)
+        self.model = Body(config, make, self.ops)
+        self.lm_head = make("lm_head")
         self.rotary = Rotary(config)
 
     def make_cache(
