@@ -7,13 +7,15 @@ Method (docs/measure.md):
   vocabulary) drawn from a `seed`ed generator: identical for every model of the same vocabulary. Speed
   does not depend on which ordinary tokens are fed; random ids keep the prompt independent of any
   tokenizer and of the vocabulary size of tiny test models.
-- One run: a fresh `Generator` (its KV cache allocated before the clock starts), prefill, the first
-  token sampled greedily, then exactly `gen_tokens − 1` decode steps, no stop tokens and no
-  detokenizing. The sampled token stays on the device, so the decode loop never waits for the host;
-  CUDA is synchronized only at the region boundaries. Figures per run: prefill time, TTFT (prefill +
-  first sample), decode time; total = TTFT + decode.
+- One run: one request on the model's engine (its KV pool allocated before the clock starts, the prefix
+  cache off so every run computes its whole prompt): chunked prefill and the first token sampled
+  greedily, then exactly `gen_tokens − 1` decode steps, no stop tokens and no detokenizing. Figures per
+  run: TTFT (prefill + first sample), decode time; total = TTFT + decode.
+- Batch: `batch` sizes N run N requests at once (distinct seeded prompts of `prompt_tokens`, added
+  together, continuously batched). Aggregate generation tok/s counts the tokens generated after the last
+  request got its first one, over that time; per sequence is the aggregate / N.
 - `warmup` runs are discarded; each figure is the median of `repeats` runs, min and max kept.
-  prompt tok/s = prompt_tokens / prefill time; generation tok/s = (gen_tokens − 1) / decode time.
+  prompt tok/s = prompt_tokens / TTFT; generation tok/s = (gen_tokens − 1) / decode time.
 - Peak memory: on CUDA `torch.cuda.max_memory_allocated`, reset before the model is loaded (so it
   includes the weights); on CPU the process's peak RSS (reset per model where Linux allows it).
 - A context length c runs the same measurement with a c-token prompt, so the decode steps attend over a
@@ -33,10 +35,10 @@ from typing import Any
 
 import torch
 
-from ossq.engine.generate import Generator, load, peak_memory_gb
-from ossq.engine.model import GptOss
-from ossq.engine.sampling import Sampler, SamplingParams
-from ossq.errors import OssqError
+from ossq.device import MemoryMeter, resolve_device
+from ossq.engine.engine import Engine, EngineConfig
+from ossq.engine.generate import load
+from ossq.errors import InvalidArgument, OssqError
 from ossq.formats.hf import Checkpoint
 from ossq.formats.mlx import QuantSpec
 from ossq.quant.recipe import Plan, Recipe
@@ -64,10 +66,9 @@ class Spread:
 
 @dataclass(frozen=True)
 class Timing:
-    """One run, in seconds from the start of prefill: `ttft` includes sampling the first token;
+    """One run, in seconds from adding the request: `ttft` includes sampling the first token;
     `total` = `ttft` + `decode`."""
 
-    prefill: float
     ttft: float
     decode: float
 
@@ -90,11 +91,27 @@ class RunStats:
 
     @property
     def prompt_tps(self) -> Spread:
-        return self.spread(lambda t: self.prompt_tokens / t.prefill)
+        return self.spread(lambda t: self.prompt_tokens / t.ttft)
 
     @property
     def generation_tps(self) -> Spread:
         return self.spread(lambda t: (self.gen_tokens - 1) / t.decode)
+
+
+@dataclass(frozen=True)
+class BatchStats:
+    """Timed runs of `size` concurrent requests: aggregate generation tok/s of each run."""
+
+    size: int
+    aggregate_tps: tuple[float, ...]
+
+    @property
+    def aggregate(self) -> Spread:
+        return Spread.of(self.aggregate_tps)
+
+    @property
+    def per_sequence(self) -> Spread:
+        return Spread.of([r / self.size for r in self.aggregate_tps])
 
 
 @dataclass(frozen=True)
@@ -110,6 +127,7 @@ class ModelBench:
     bits_per_weight: float | None = None
     main: RunStats | None = None
     contexts: dict[int, RunStats | str] = field(default_factory=dict)
+    batches: dict[int, BatchStats | str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -128,15 +146,19 @@ class BenchReport:
     def sweep_context(self) -> list[int]:
         return list(self.settings["sweep_context"] or [])
 
+    @property
+    def batch(self) -> list[int]:
+        return list(self.settings.get("batch") or [])
+
     def report(self) -> Report:
         """The generic report (ossq.report) the renderers take."""
-        rows = tuple(_row(m, self.context) for m in self.models)
+        rows = tuple(_row(m, self.context, self.batch) for m in self.models)
         return Report(
             "bench",
             "ossq bench",
             self.system,
             self.settings,
-            tuple(_metrics(self.context)),
+            tuple(_metrics(self.context, self.batch)),
             rows,
             series=self._series(),
         )
@@ -166,7 +188,7 @@ def length_label(n: int) -> str:
     return f"{n // 1024}k" if n % 1024 == 0 else str(n)
 
 
-def _metrics(context: Sequence[int]) -> list[Metric]:
+def _metrics(context: Sequence[int], batch: Sequence[int]) -> list[Metric]:
     metrics = [
         Metric("prompt_tps", "prompt", "tok/s", True, "{:,.1f}"),
         Metric("generation_tps", "generation", "tok/s", True, "{:,.1f}"),
@@ -180,10 +202,13 @@ def _metrics(context: Sequence[int]) -> list[Metric]:
     for c in context:
         metrics.append(Metric(f"prompt_tps@{c}", f"prompt @{length_label(c)}", "tok/s", True, "{:,.1f}"))
         metrics.append(Metric(f"generation_tps@{c}", f"generation @{length_label(c)}", "tok/s", True, "{:,.1f}"))
+    for b in batch:
+        metrics.append(Metric(f"batch_tps@{b}", f"generation ×{b} (all)", "tok/s", True, "{:,.1f}"))
+        metrics.append(Metric(f"sequence_tps@{b}", f"generation ×{b} (each)", "tok/s", True, "{:,.1f}"))
     return metrics
 
 
-def _row(m: ModelBench, context: Sequence[int]) -> dict[str, Any]:
+def _row(m: ModelBench, context: Sequence[int], batch: Sequence[int]) -> dict[str, Any]:
     """A flat report row: medians under the metric keys, [min, max] under "range", seconds per phase."""
     row: dict[str, Any] = {"model": m.name, "path": m.path}
     if m.error is not None:
@@ -195,7 +220,6 @@ def _row(m: ModelBench, context: Sequence[int]) -> dict[str, Any]:
         "generation_tps": s.generation_tps,
         "ttft_ms": s.spread(lambda t: t.ttft * 1e3),
         "total_s": s.spread(lambda t: t.total),
-        "prefill_s": s.spread(lambda t: t.prefill),
         "decode_s": s.spread(lambda t: t.decode),
     }
     for c in context:
@@ -203,11 +227,16 @@ def _row(m: ModelBench, context: Sequence[int]) -> dict[str, Any]:
         if isinstance(stats, RunStats):
             spreads[f"prompt_tps@{c}"] = stats.prompt_tps
             spreads[f"generation_tps@{c}"] = stats.generation_tps
+    for b in batch:
+        stats = m.batches.get(b)
+        if isinstance(stats, BatchStats):
+            spreads[f"batch_tps@{b}"], spreads[f"sequence_tps@{b}"] = stats.aggregate, stats.per_sequence
     row.update({k: v.median for k, v in spreads.items()})
     row["peak_memory_gb"] = s.peak_memory_gb
     row["tps_per_gb"] = s.generation_tps.median / s.peak_memory_gb
     row["range"] = {k: [v.min, v.max] for k, v in spreads.items()}
     failed = {str(c): e for c, e in m.contexts.items() if isinstance(e, str)}
+    failed |= {f"batch {b}": e for b, e in m.batches.items() if isinstance(e, str)}
     if failed:
         row["context_errors"] = failed
     return row
@@ -239,62 +268,46 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-@torch.inference_mode()
-def time_run(model: GptOss, prompt: Sequence[int], gen_tokens: int) -> Timing:
-    """Prefill `prompt`, sample greedily, then decode `gen_tokens − 1` more tokens with no stop."""
-    device = model.lm_head.weight.device
-    gen = Generator(model, max_tokens=len(prompt) + gen_tokens)
-    sample = Sampler(SamplingParams(), device)
+def time_run(engine: Engine, prompt: Sequence[int], gen_tokens: int) -> Timing:
+    """One request: prefill `prompt`, sample greedily, then decode `gen_tokens − 1` more tokens, no stop."""
+    device = engine.model.device
     _sync(device)
     start = time.perf_counter()
-    logits = gen.prefill(prompt)
-    _sync(device)
-    prefilled = time.perf_counter()
-    token = sample(logits)
-    _sync(device)
-    first = time.perf_counter()
-    for _ in range(gen_tokens - 1):
-        token = sample(gen.step(token))
+    rid = engine.add_request(prompt, max_tokens=gen_tokens)
+    first = None
+    for out in engine.stream(rid):
+        if first is None and out.token is not None:
+            first = time.perf_counter()  # the step has read its token back: the device is done
     _sync(device)
     end = time.perf_counter()
-    return Timing(prefill=prefilled - start, ttft=first - start, decode=end - first)
+    engine.release(rid)
+    return Timing(ttft=first - start, decode=end - first)
 
 
-class MemoryMeter:
-    """Peak memory since the last `reset`: allocated CUDA memory, or on CPU the process's peak RSS
-    (Linux's VmHWM, which writing "5" to /proc/self/clear_refs resets; elsewhere, or where that is not
-    permitted, the lifetime peak, so later models may show an earlier model's peak)."""
-
-    def __init__(self, device: torch.device) -> None:
-        self.device = device
-
-    def reset(self) -> None:
-        if self.device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(self.device)
-            return
-        try:
-            Path("/proc/self/clear_refs").write_text("5")
-        except OSError:
-            pass
-
-    def peak_gb(self) -> float:
-        if self.device.type == "cpu":
-            try:
-                for line in Path("/proc/self/status").read_text().splitlines():
-                    if line.startswith("VmHWM:"):
-                        return int(line.split()[1]) * 1024 / 1e9  # kB
-            except OSError:
-                pass
-        return peak_memory_gb(self.device)
+def time_batch(engine: Engine, prompts: Sequence[Sequence[int]], gen_tokens: int) -> float:
+    """All `prompts` at once → aggregate generation tok/s once every request has its first token."""
+    rids = [engine.add_request(p, max_tokens=gen_tokens) for p in prompts]
+    waiting, since, count = set(rids), None, 0
+    while engine.has_unfinished:
+        for out in engine.step():
+            if out.token is not None:
+                waiting.discard(out.request_id)
+                count += since is not None
+        if since is None and not waiting:
+            since = time.perf_counter()
+    end = time.perf_counter()
+    for rid in rids:
+        engine.release(rid)
+    return count / (end - since)
 
 
 def measure(
-    model: GptOss, prompt: Sequence[int], *, gen_tokens: int, repeats: int, warmup: int, meter: MemoryMeter
+    engine: Engine, prompt: Sequence[int], *, gen_tokens: int, repeats: int, warmup: int, meter: MemoryMeter
 ) -> RunStats:
     """`warmup` discarded runs, then `repeats` timed ones; the meter is read (not reset) at the end."""
     for _ in range(warmup):
-        time_run(model, prompt, gen_tokens)
-    runs = tuple(time_run(model, prompt, gen_tokens) for _ in range(repeats))
+        time_run(engine, prompt, gen_tokens)
+    runs = tuple(time_run(engine, prompt, gen_tokens) for _ in range(repeats))
     return RunStats(len(prompt), gen_tokens, runs, meter.peak_gb())
 
 
@@ -312,45 +325,64 @@ class _Job:
     prompt_tokens: int
     gen_tokens: int
     lengths: list[int]
+    batch: list[int]
     repeats: int
     warmup: int
     seed: int
     device: torch.device
+    engine: EngineConfig
     log: Callable[[str], None]
 
 
-def _bench_model(name: str, path: str, job: _Job) -> ModelBench:
+def _bench_model(name: str, ckpt: Checkpoint, job: _Job) -> ModelBench:
     """Load one model, measure it, free it. A failure to load or run becomes the row's error."""
     meter = MemoryMeter(job.device)
     meter.reset()
-    model = None
+    model = engine = None
+    path = str(ckpt.root)
     try:
         job.log(f"{name}: loading")
-        ckpt = Checkpoint(path)
         size, params, bpw = checkpoint_facts(ckpt)
         model, _ = load(ckpt.root, device=str(job.device))
-        vocab = model.config.vocab_size
-        job.log(f"{name}: {job.prompt_tokens}-token prompt, {job.gen_tokens} tokens, {job.repeats} repeats")
-        prompt = prompt_ids(job.prompt_tokens, vocab_size=vocab, seed=job.seed)
-        main = measure(model, prompt, gen_tokens=job.gen_tokens, repeats=job.repeats, warmup=job.warmup, meter=meter)
-        contexts = {c: _at_context(model, c, vocab, job, meter, name) for c in job.lengths}
-        return ModelBench(name, path, None, size, params, bpw, main, contexts)
+        engine = Engine(model, job.engine)
+        job.log(f"{name}: {job.prompt_tokens}-token prompt, {job.gen_tokens} tokens, {job.repeats} repeats, "
+                f"KV cache {engine.kv_cache_tokens:,} tokens")  # fmt: skip
+        main = _at_context(engine, job.prompt_tokens, job, meter, name)
+        if isinstance(main, str):
+            return ModelBench(name, path, error=main)
+        contexts = {c: _at_context(engine, c, job, meter, name) for c in job.lengths}
+        batches = {b: _at_batch(engine, b, job, name) for b in job.batch}
+        return ModelBench(name, path, None, size, params, bpw, main, contexts, batches)
     except MODEL_ERRORS as e:
         job.log(f"{name}: [red]{_describe(e)}[/red]")
         return ModelBench(name, path, error=_describe(e))
     finally:
-        del model
+        del model, engine
         _free(job.device)
 
 
-def _at_context(model: GptOss, c: int, vocab: int, job: _Job, meter: MemoryMeter, name: str) -> RunStats | str:
-    job.log(f"{name}: decode at a {length_label(c)}-token context")
-    meter.reset()
+def _at_context(engine: Engine, c: int, job: _Job, meter: MemoryMeter, name: str) -> RunStats | str:
+    if c != job.prompt_tokens:
+        job.log(f"{name}: decode at a {length_label(c)}-token context")
+        meter.reset()
     try:
-        prompt = prompt_ids(c, vocab_size=vocab, seed=job.seed)
-        return measure(model, prompt, gen_tokens=job.gen_tokens, repeats=job.repeats, warmup=job.warmup, meter=meter)
+        prompt = prompt_ids(c, vocab_size=engine.model.config.vocab_size, seed=job.seed)
+        return measure(engine, prompt, gen_tokens=job.gen_tokens, repeats=job.repeats, warmup=job.warmup, meter=meter)
     except MODEL_ERRORS as e:  # e.g. out of memory or past the model's context: keep the other figures
         job.log(f"{name}: at {length_label(c)}: [red]{_describe(e)}[/red]")
+        return _describe(e)
+
+
+def _at_batch(engine: Engine, size: int, job: _Job, name: str) -> BatchStats | str:
+    job.log(f"{name}: {size} concurrent sequences")
+    vocab = engine.model.config.vocab_size
+    prompts = [prompt_ids(job.prompt_tokens, vocab_size=vocab, seed=job.seed + i) for i in range(size)]
+    try:
+        for _ in range(job.warmup):
+            time_batch(engine, prompts, job.gen_tokens)
+        return BatchStats(size, tuple(time_batch(engine, prompts, job.gen_tokens) for _ in range(job.repeats)))
+    except MODEL_ERRORS as e:
+        job.log(f"{name}: batch {size}: [red]{_describe(e)}[/red]")
         return _describe(e)
 
 
@@ -367,11 +399,15 @@ def _free(device: torch.device) -> None:
 
 def _check(prompt_tokens: int, gen_tokens: int, repeats: int, warmup: int) -> None:
     if prompt_tokens < 1:
-        raise ValueError(f"prompt_tokens must be at least 1, got {prompt_tokens}")
+        raise InvalidArgument("prompt_tokens", f"prompt_tokens must be at least 1, got {prompt_tokens}")
     if gen_tokens < 2:
-        raise ValueError(f"gen_tokens must be at least 2 (the decode rate needs a step), got {gen_tokens}")
-    if repeats < 1 or warmup < 0:
-        raise ValueError(f"repeats must be at least 1 and warmup at least 0, got {repeats} and {warmup}")
+        raise InvalidArgument(
+            "gen_tokens", f"gen_tokens must be at least 2 (the decode rate needs a step), got {gen_tokens}"
+        )
+    if repeats < 1:
+        raise InvalidArgument("repeats", f"repeats must be at least 1, got {repeats}")
+    if warmup < 0:
+        raise InvalidArgument("warmup", f"warmup must be at least 0, got {warmup}")
 
 
 def bench(
@@ -380,43 +416,50 @@ def bench(
     prompt_tokens: int = 90,
     gen_tokens: int = 200,
     context: Sequence[int | str] | str | None = None,
+    batch: Sequence[int | str] | str | None = None,
     repeats: int = 5,
     warmup: int = 1,
     device: str | None = None,
     sweep_context: Sequence[int | str] | str | None = None,
     seed: int = 0,
+    kv_cache_tokens: int | None = None,
     progress: bool = True,
     json_path: str | Path | None = None,
     markdown_path: str | Path | None = None,
     plot_path: str | Path | None = None,
 ) -> BenchReport:
     """Measure every checkpoint in `models` (directories or hub ids) one after the other; see the module
-    docstring for the method. With `progress`, log each step to stderr and print the tables at the end.
-    Writes the JSON / Markdown / PNG outputs whose paths are given (plots need matplotlib)."""
+    docstring for the method. Every model is found and its config read before any is measured. With
+    `progress`, log each step to stderr and print the tables at the end. Writes the JSON / Markdown /
+    PNG outputs whose paths are given (plots need matplotlib)."""
     if not models:
-        raise ValueError("give at least one model")
+        raise InvalidArgument("models", "give at least one model")
+    context, sweep_context, sizes = parse_lengths(context), parse_lengths(sweep_context), parse_lengths(batch)
     _check(prompt_tokens, gen_tokens, repeats, warmup)
     if plot_path:
         pyplot()  # fail now, not after the measurements, when matplotlib is missing
-    context, sweep_context = parse_lengths(context), parse_lengths(sweep_context)
-    dev = torch.device(device) if device else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = resolve_device(device)
+    checkpoints = [Checkpoint(m) for m in models]  # a bad path or config fails here, before any work
     console = _console() if progress else None
     lengths = sorted(set(context) | set(sweep_context))
-    job = _Job(prompt_tokens, gen_tokens, lengths, repeats, warmup, seed, dev, console.log if console else _quiet)
+    engine = EngineConfig(kv_cache_tokens=kv_cache_tokens, max_num_seqs=max([1, *sizes]), prefix_cache=False)
+    log = console.log if console else _quiet
+    job = _Job(prompt_tokens, gen_tokens, lengths, sizes, repeats, warmup, seed, dev, engine, log)
     settings = {
         "prompt_tokens": prompt_tokens,
         "gen_tokens": gen_tokens,
         "context": context,
         "sweep_context": sweep_context,
+        "batch": sizes,
         "repeats": repeats,
         "warmup": warmup,
         "seed": seed,
-        "device": str(dev),
+        "kv_cache_tokens": kv_cache_tokens or "default",
         "prompt": "seeded random ordinary-token ids",
         "sampling": "greedy, no stop tokens",
     }
     system = system_info(str(dev))
-    results = tuple(_bench_model(n, str(p), job) for n, p in zip(model_names(models), models, strict=True))
+    results = tuple(_bench_model(n, c, job) for n, c in zip(model_names(models), checkpoints, strict=True))
     result = BenchReport(results, settings, system)
     if console:
         print_report(result.report())

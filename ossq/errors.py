@@ -27,3 +27,16 @@ class UnsupportedQuantization(OssqError):
 
 class PromptTooLong(OssqError):
     """A prompt that does not fit in the context the cache was sized for."""
+
+
+class InvalidArgument(OssqError, ValueError):
+    """A parameter outside its domain. `name` is the Python parameter (e.g. "temperature"), so the CLI
+    can name its own flag (--temp) and the server the request field instead."""
+
+    def __init__(self, name: str, message: str) -> None:
+        super().__init__(message)
+        self.name = name
+
+
+class DeviceError(OssqError):
+    """A device that this machine (or this build of torch) does not have, e.g. `cuda` on a CPU-only torch."""

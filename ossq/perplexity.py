@@ -11,7 +11,7 @@ Conventions (the model cards' method: window = stride = 4096 over ~100k tokens, 
 - Stream. Documents are encoded one at a time with o200k_harmony (special-token text stays text) and
   joined as A + [EOS] + B + [EOS] + C, `<|endoftext|>` (199999) between documents, none after the last:
   EOS separates, so the stream does not end by predicting one. Encoding stops at `max_tokens`.
-- Windows. A window is `window` input tokens forwarded from position 0 in a fresh cache; its targets are
+- Windows. A window is `window` input tokens run from position 0 as a request of its own; its targets are
   the next tokens. Window k starts at token k·stride; the first window scores all its targets, later ones
   only the targets past the previous window's last (its last `stride`). So every token but the stream's
   first is scored exactly once, and a window's first token is never a target of that window (it has no
@@ -39,11 +39,12 @@ import torch
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-from ossq.engine.cache import PREFILL_CHUNK_TOKENS
-from ossq.engine.generate import ENDOFTEXT
+from ossq.engine.engine import PREFILL_CHUNK_TOKENS, Engine, EngineConfig
+from ossq.engine.kv import BLOCK_TOKENS, blocks_for
 from ossq.engine.load import default_device, load_model
 from ossq.engine.model import GptOss
 from ossq.errors import OssqError, PromptTooLong
+from ossq.harmony import ENDOFTEXT
 from ossq.report import Metric, Report, model_names, system_info, write_files
 from ossq.tokenizer import Tokenizer
 
@@ -225,48 +226,48 @@ def evaluate(
     chunk: int = PREFILL_CHUNK_TOKENS,
     on_scored: Callable[[int], None] | None = None,
 ) -> TokenScores:
-    """Score `tokens` (at least 2 ids) with `model`, and against `reference` when given (advanced in
-    lockstep on the same windows; `reference is model` gives KL 0 exactly without a second forward).
-    Each window runs in forward steps of at most `chunk` tokens through a KV cache; `on_scored(n)` is
-    called after each window with the number of tokens it scored."""
+    """Score `tokens` (at least 2 ids) with `model`, and against `reference` when given (run on the same
+    windows, in steps of the same `chunk`, each on an engine of its own). `on_scored(n)` is called after
+    each window with the number of tokens it scored."""
     if len(tokens) < 2:
         raise OssqError(f"need at least 2 tokens to score one, got {len(tokens)}")
-    ids = torch.as_tensor(tokens, dtype=torch.long, device=model.lm_head.weight.device).view(1, -1)
-    for m, name in ((model, "the model"), (reference, "the reference")):
-        if m is not None:
-            check_window(m, window, name)
-            _check_vocab(m, ids)
-    spans = windows(ids.shape[1], window, stride or window)
+    ids = torch.as_tensor(tokens, dtype=torch.long).view(-1)
+    pair = [m for m in (model, reference) if m is not None]
+    for m, name in zip(pair, ("the model", "the reference"), strict=False):
+        check_window(m, window, name)
+        _check_vocab(m, ids)
+    config = EngineConfig(kv_cache_tokens=blocks_for(window) * BLOCK_TOKENS, max_num_seqs=1,
+                          max_batch_tokens=chunk, prefix_cache=False)  # fmt: skip
+    engines = [Engine(m, config) for m in pair]
+    spans = windows(ids.numel(), window, stride or window)
     begin = time.perf_counter()
     parts: list[tuple[torch.Tensor, ...]] = []
     for w in spans:
-        scored = _score_window(model, reference, ids, w, chunk)
-        parts.extend(scored)
+        parts.extend(_score_window(engines, ids, w))
         if on_scored is not None:
             on_scored(w.stop - w.first_scored + 1)
     nll, kl, agree = (torch.cat(p).cpu() if p[0] is not None else None for p in zip(*parts, strict=True))
     return TokenScores(nll, kl, agree, len(spans), time.perf_counter() - begin)
 
 
-def _score_window(
-    model: GptOss, reference: GptOss | None, ids: torch.Tensor, w: Window, chunk: int
-) -> list[tuple[torch.Tensor, ...]]:
-    """Forward one window chunk by chunk; score the chunks that hold scored targets."""
-    pair = [model] if reference is None or reference is model else [model, reference]
-    step = min(chunk, w.stop - w.start)
-    caches = [m.make_cache(max_tokens=w.stop - w.start, chunk=step) for m in pair]
+def _score_window(engines: list[Engine], ids: torch.Tensor, w: Window) -> list[tuple[torch.Tensor, ...]]:
+    """Run one window (inputs w.start … w.stop − 1) as a request on each engine; score the chunks of
+    logits from the first input whose target is scored. Input i predicts target i + 1."""
+    inputs = ids[w.start : w.stop].tolist()
+    first = w.first_scored - 1 - w.start
+    streams = [e.stream(e.add_request(inputs, max_tokens=1, logits_from=first)) for e in engines]
     out = []
-    for a in range(w.start, w.stop, step):
-        b = min(a + step, w.stop)
-        x = ids[:, a:b]  # (1, t): inputs at a … b−1 predict targets a+1 … b
-        if b < w.first_scored:  # no scored target here: only fill the caches, skip the full-vocab head
-            for m, cache in zip(pair, caches, strict=True):
-                m(x, cache, last_only=True)
+    for outs in zip(*streams, strict=True):
+        if outs[0].logits is None:
             continue
-        lo = max(a + 1, w.first_scored) - (a + 1)
-        logits = [m(x, cache)[0, lo:] for m, cache in zip(pair, caches, strict=True)]  # (t', V) float32
-        ref = None if reference is None else logits[-1]
-        out.append(score_logits(logits[0], ids[0, a + 1 + lo : b + 1], ref))
+        assert len({o.logits_start for o in outs}) == 1, "the engines stepped the window differently"
+        a = w.start + outs[0].logits_start  # absolute position of the first input with logits
+        targets = ids[a + 1 : a + 1 + outs[0].logits.shape[0]].to(outs[0].logits.device)
+        ref = outs[-1].logits if len(outs) > 1 else None
+        out.append(score_logits(outs[0].logits, targets, ref))
+    for e in engines:
+        for rid in list(e.requests):
+            e.release(rid)
     return out
 
 
@@ -434,8 +435,13 @@ def perplexity(
         "device": str(dev),
     }
     result = PplReport(results, settings, reference, system_info(str(dev)))
-    write_files(result.report, json_path=json_path, markdown_path=markdown_path, plot_path=plot_path,
-                plot_metrics=[m for m in result.report.metrics if m not in (STD_ERROR, SPEED)])
+    write_files(
+        result.report,
+        json_path=json_path,
+        markdown_path=markdown_path,
+        plot_path=plot_path,
+        plot_metrics=[m for m in result.report.metrics if m not in (STD_ERROR, SPEED)],
+    )
     return result
 
 

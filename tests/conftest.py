@@ -63,3 +63,19 @@ def tensors(path: Path) -> dict[str, torch.Tensor]:
         with safe_open(str(shard), framework="pt") as f:
             out.update({k: f.get_tensor(k) for k in f.keys()})
     return out
+
+
+def random_model(config: ModelConfig | None = None, seed: int = 0):
+    """An unquantized float32 GptOss with random weights scaled so activations stay O(1): no checkpoint,
+    no tokenizer — for engine tests that compare the model with itself."""
+    from ossq.engine.model import GptOss
+
+    model = GptOss(config or small_config(), dtype=torch.float32).eval()
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, b in model.named_buffers():
+            if name.endswith("inv_freq"):
+                continue
+            std = 1.0 if "embed" in name or "sinks" in name else b.shape[-1] ** -0.5
+            b.copy_((1.0 if "norm" in name else 0.0) + std * torch.randn(b.shape, generator=gen))
+    return model

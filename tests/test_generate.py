@@ -6,32 +6,10 @@ import pytest
 import torch
 
 from ossq.cli import main
-from ossq.engine import generate as gen_mod
-from ossq.engine.generate import Generator, load, stream_generate
+from ossq.engine.generate import batch_generate, load, stream_generate
 from ossq.engine.sampling import SamplingParams
 from ossq.errors import PromptTooLong
 from ossq.harmony import CALL, END, RETURN
-
-
-class ScriptedGenerator:
-    """Stands in for Generator: the logits of each step pick the next scripted token."""
-
-    script: list[int] = []
-
-    def __init__(self, model, *, max_tokens, max_kv_size=None, chunk=None) -> None:
-        self.tokens = iter(self.script)
-        self.vocab = model.config.vocab_size
-
-    def _next(self) -> torch.Tensor:
-        logits = torch.zeros(1, self.vocab)
-        logits[0, next(self.tokens)] = 1.0
-        return logits
-
-    def prefill(self, tokens):
-        return self._next()
-
-    def step(self, token):
-        return self._next()
 
 
 @pytest.fixture(scope="module")
@@ -39,10 +17,29 @@ def tiny(tiny_checkpoint):
     return load(tiny_checkpoint, device="cpu")
 
 
+def scripted_logits(monkeypatch, model, step_logits):
+    """Replace the model's forward: every step's sampled row gets `step_logits(n)` (n = steps so far)."""
+    steps = []
+
+    def forward(batch, kv):
+        logits = torch.zeros(batch.logits_rows.numel(), model.config.vocab_size)
+        logits[-1] = step_logits(len(steps))
+        steps.append(batch)
+        return logits
+
+    monkeypatch.setattr(model, "forward", forward)
+    return steps
+
+
 def scripted(monkeypatch, tiny, script: list[int], max_tokens: int = 20):
-    monkeypatch.setattr(gen_mod, "Generator", ScriptedGenerator)
-    monkeypatch.setattr(ScriptedGenerator, "script", script)
     model, tokenizer = tiny
+
+    def one_hot(n: int) -> torch.Tensor:
+        row = torch.zeros(model.config.vocab_size)
+        row[script[n]] = 1.0
+        return row
+
+    scripted_logits(monkeypatch, model, one_hot)
     return list(stream_generate(model, tokenizer, "hello", max_tokens=max_tokens))
 
 
@@ -82,7 +79,42 @@ def test_prompt_longer_than_the_context_is_refused(tiny):
     limit = model.config.max_position_embeddings
     with pytest.raises(PromptTooLong, match=str(limit)):
         list(stream_generate(model, tokenizer, [1000] * limit, max_tokens=8))
-    Generator(model, max_tokens=limit + 8, max_kv_size=64)  # a capped cache accepts any length
+    capped = stream_generate(model, tokenizer, [1000] * limit, max_tokens=2, max_kv_size=64)
+    assert len(list(capped)) == 2  # a capped cache accepts any length
+
+
+@pytest.mark.parametrize(("context", "expected"), [(64, "ABAA"), (1, "ABAB")])
+def test_the_repetition_penalty_applies_through_stream_generate_to_its_recent_tokens(
+    monkeypatch, tiny, context, expected
+):
+    """Logits A = 1.0, B = 0.9 every step, penalty 2: a penalized A (0.5) loses to B until B is penalized
+    too (0.45), and with a context of 1 only the last token is penalized."""
+    model, tokenizer = tiny
+    a, b = 1000, 1001
+
+    def logits(_n: int) -> torch.Tensor:
+        row = torch.zeros(model.config.vocab_size)
+        row[a], row[b] = 1.0, 0.9
+        return row
+
+    scripted_logits(monkeypatch, model, logits)
+    params = SamplingParams(repetition_penalty=2.0, repetition_context=context)
+    got = [r.token for r in stream_generate(model, tokenizer, [5, 6, 7], max_tokens=4, sampling=params)]
+    assert got == [{"A": a, "B": b}[c] for c in expected]
+    plain = [r.token for r in stream_generate(model, tokenizer, [5, 6, 7], max_tokens=4)]
+    assert plain == [a] * 4
+
+
+def test_batch_generate_keeps_prompt_order_and_equals_one_at_a_time(tiny):
+    model, tokenizer = tiny
+    prompts = ["one", "a much longer prompt than the first one", "three", [1000, 1001, 1002]]
+    params = [SamplingParams(), SamplingParams(temperature=0.8, seed=3), SamplingParams(), SamplingParams(seed=1)]
+    out = batch_generate(model, tokenizer, prompts, max_tokens=[5, 7, 3, 6], sampling=params, stop_tokens=())
+    for i, p in enumerate(prompts):
+        alone = [r.token for r in stream_generate(model, tokenizer, p, max_tokens=[5, 7, 3, 6][i],
+                                                  sampling=params[i], stop_tokens=())]  # fmt: skip
+        assert out.tokens[i] == alone
+        assert out.texts[i] == tokenizer.decode(alone) and out.finish_reasons[i] == "length"
 
 
 def test_cli_generate_prints_answer_and_stats(tiny_checkpoint, capsys):
@@ -97,7 +129,7 @@ def test_cli_generate_prints_answer_and_stats(tiny_checkpoint, capsys):
 def test_cli_errors_are_one_line_without_traceback(tmp_path, capsys):
     assert main(["generate", "-m", str(tmp_path / "missing"), "-p", "Hi"]) == 2
     err = capsys.readouterr().err.strip()
-    assert err.count("\n") == 0 and "no such directory" in err and "Traceback" not in err
+    assert err.count("\n") == 0 and "does not exist" in err and "Traceback" not in err
     assert main(["generate", "-m", str(tmp_path / "missing"), "-p", "Hi", "--top-p", "2"]) == 2
     assert "top_p" in capsys.readouterr().err
 

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from ossq.config import RopeScaling
+from ossq.engine.engine import Engine, EngineConfig, forward_full
 from ossq.engine.load import load_model
 from ossq.engine.model import yarn_inv_freq
 from tests.conftest import small_config
@@ -76,27 +77,22 @@ def test_logits_match_transformers_past_window_and_yarn_original_context(pair):
     assert length > config.sliding_window
     with torch.no_grad():
         expected = ref(tokens).logits
-        got = ours(tokens)
+        got = forward_full(ours, tokens)
     assert rel_err(got, expected) < REL_TOL
     assert torch.equal(got.argmax(-1), expected.argmax(-1))
 
 
 def test_greedy_generation_matches_transformers(pair):
+    """Through the engine: chunked prefill (7 tokens a step), then decode through the paged cache."""
     config, ref, ours = pair
-    from ossq.engine.generate import Generator
-
     prompt = torch.randint(0, config.vocab_size, (1, 20), generator=torch.Generator().manual_seed(4))
     with torch.no_grad():
         expected = ref.generate(prompt, max_new_tokens=16, do_sample=False, eos_token_id=None, pad_token_id=0)[
             0, 20:
         ].tolist()
-    gen = Generator(ours, max_tokens=40, chunk=7)
-    logits = gen.prefill(prompt[0].tolist())
-    got = []
-    for _ in range(16):
-        token = logits.argmax(-1)
-        got.append(int(token))
-        logits = gen.step(token)
+    engine = Engine(ours, EngineConfig(kv_cache_tokens=256, max_batch_tokens=7))
+    rid = engine.add_request(prompt[0].tolist(), max_tokens=16)
+    got = [out.token for out in engine.stream(rid) if out.token is not None]
     assert got == expected
 
 
@@ -107,7 +103,7 @@ def test_published_mxfp4_checkpoint_matches_transformers_dequantized(small_check
     tokens = torch.randint(0, 512, (1, 40), generator=torch.Generator().manual_seed(5))
     with torch.no_grad():
         expected = ref(tokens).logits
-        got = ours(tokens)
+        got = forward_full(ours, tokens)
     assert rel_err(got, expected) < REL_TOL
     assert torch.equal(got.argmax(-1), expected.argmax(-1))
 
@@ -120,7 +116,7 @@ def test_bfloat16_model_stays_close_to_the_float32_oracle(pair, tmp_path):
     tokens = torch.randint(0, config.vocab_size, (1, 40), generator=torch.Generator().manual_seed(6))
     with torch.no_grad():
         expected = ref(tokens).logits
-        got = ours(tokens)
+        got = forward_full(ours, tokens)
     assert got.dtype == torch.float32 and torch.isfinite(got).all()
     # bf16 activations carry ~8 bits of mantissa, and where two router logits nearly tie, that noise picks
     # another expert: the token's output moves a lot, and later tokens with it through attention. So the claim

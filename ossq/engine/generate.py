@@ -1,45 +1,54 @@
-"""Text generation shaped like mlx-lm's API: `load`, `generate`, `stream_generate`.
+"""Text generation shaped like mlx-lm's API — `load`, `generate`, `stream_generate`, `batch_generate` —
+over the engine (engine/engine.py).
 
-`Generator` owns one sequence's cache: chunked prefill (PREFILL_CHUNK_TOKENS at a time, so activation
-memory is bounded whatever the prompt length), then one token per step. A prompt is either raw text
-(encoded with special tokens allowed, as mlx-lm does) or token ids, e.g. from `ossq.harmony.Chat`.
-Generation stops on `<|return|>`, `<|call|>` or `<|endoftext|>` — never on `<|end|>`, which only closes
-a message inside an answer (formats.md §6.4).
+A prompt is raw text (encoded with special tokens allowed, as mlx-lm does) or token ids, e.g. from
+`ossq.harmony.Chat`. Unless an engine is passed, calls on one model share one engine, so a prompt that
+repeats an earlier one (the next turn of a chat) computes only what is new: the prefix cache keeps the
+rest. Generation stops on `stop_tokens(config)`, never on `<|end|>`, which only closes a message
+inside an answer (formats.md §6.4).
 """
 
 from __future__ import annotations
 
-import resource
-import sys
-import time
+import weakref
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from ossq.engine.cache import PREFILL_CHUNK_TOKENS, KVCache
+from ossq.config import ModelConfig
+from ossq.device import MemoryMeter
+from ossq.engine.engine import Engine, EngineConfig
 from ossq.engine.load import load_model
 from ossq.engine.model import GptOss
-from ossq.engine.sampling import Sampler, SamplingParams
-from ossq.errors import PromptTooLong
+from ossq.engine.ops import Ops
+from ossq.engine.sampling import SamplingParams
 from ossq.harmony import STOP_TOKENS
 from ossq.tokenizer import Tokenizer
 
-ENDOFTEXT = 199999
-DEFAULT_STOP_TOKENS = (*STOP_TOKENS, ENDOFTEXT)
+_ENGINES: weakref.WeakKeyDictionary[GptOss, Engine] = weakref.WeakKeyDictionary()
+
+
+def stop_tokens(config: ModelConfig) -> frozenset[int]:
+    """What ends a completion: the config's `eos_token_id` (for the published models <|return|>,
+    <|endoftext|> and <|call|>) and harmony's <|return|> and <|call|>."""
+    return frozenset(config.eos_token_id) | frozenset(STOP_TOKENS)
 
 
 @dataclass(frozen=True)
 class GenerationStats:
-    """Running figures of one generation, in mlx-lm's terms. Times in seconds, memory in GB (1e9 bytes)."""
+    """Running figures of one generation, in mlx-lm's terms. Times in seconds, memory in GB (1e9 bytes).
+    `prompt_tps` counts the prompt tokens computed: `cached_tokens` came from the prefix cache."""
 
     prompt_tokens: int
+    cached_tokens: int
     prompt_tps: float
     generation_tokens: int
     generation_tps: float
     ttft: float
     peak_memory_gb: float
+    kv_cache_tokens: int
 
 
 @dataclass(frozen=True)
@@ -50,47 +59,26 @@ class GenerationResponse:
     finish_reason: str | None  # None while running, then "stop" or "length"
 
 
-def peak_memory_gb(device: torch.device) -> float:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 1e9
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
-    return rss * (1 if sys.platform == "darwin" else 1024) / 1e9
-
-
-class Generator:
-    """One sequence: prefill a prompt, then decode token by token."""
-
-    def __init__(
-        self, model: GptOss, *, max_tokens: int, max_kv_size: int | None = None, chunk: int = PREFILL_CHUNK_TOKENS
-    ) -> None:
-        self.model = model
-        limit = model.config.max_position_embeddings
-        if max_kv_size is None and max_tokens > limit:
-            raise PromptTooLong(
-                f"{max_tokens} tokens exceed the model's context of {limit} "
-                "(shorten the prompt or max_tokens, or pass max_kv_size)"
-            )
-        self.cache: KVCache = model.make_cache(max_tokens=max_tokens, max_kv_size=max_kv_size, chunk=chunk)
-
-    @torch.inference_mode()
-    def prefill(self, tokens: Sequence[int]) -> torch.Tensor:
-        """Run the prompt through the model; return the last position's logits (1, V)."""
-        ids = torch.tensor([list(tokens)], device=self.cache.layers[0].k.device)
-        for start in range(0, ids.shape[1], self.cache.chunk):
-            logits = self.model(ids[:, start : start + self.cache.chunk], self.cache, last_only=True)
-        return logits[:, -1]
-
-    @torch.inference_mode()
-    def step(self, token: torch.Tensor) -> torch.Tensor:
-        """Feed one token (1,) and return the next logits (1, V)."""
-        return self.model(token.view(1, 1), self.cache)[:, -1]
-
-
 def load(
-    path_or_repo: str | Path, *, device: str | None = None, dtype: torch.dtype | None = None
+    path_or_repo: str | Path,
+    *,
+    device: str | None = None,
+    dtype: torch.dtype | None = None,
+    ops: Ops | str | None = None,
 ) -> tuple[GptOss, Tokenizer]:
-    model, root = load_model(path_or_repo, device=device, dtype=dtype)
+    model, root = load_model(path_or_repo, device=device, dtype=dtype, ops=ops)
     return model, Tokenizer.from_dir(root)
+
+
+def engine_for(model: GptOss, config: EngineConfig | None = None) -> Engine:
+    """The engine the model's generate calls share; made anew when `config` differs from its own."""
+    config = config or EngineConfig()
+    engine = _ENGINES.get(model)
+    if engine is None or engine.config != config:
+        _ENGINES.pop(model, None)  # free the old pool before allocating the new one
+        del engine
+        engine = _ENGINES[model] = Engine(model, config)
+    return engine
 
 
 def stream_generate(
@@ -100,47 +88,51 @@ def stream_generate(
     *,
     max_tokens: int = 256,
     sampling: SamplingParams | None = None,
-    stop_tokens: Sequence[int] = DEFAULT_STOP_TOKENS,
+    stop_tokens: Sequence[int] | None = None,
     max_kv_size: int | None = None,
+    engine: Engine | None = None,
 ) -> Iterator[GenerationResponse]:
-    """Yield one response per generated token, the last one with a finish_reason."""
+    """Yield one response per generated token, the last one with a finish_reason. Closing the iterator
+    early aborts the request."""
     ids = tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
-    if not ids:
-        raise ValueError("the prompt is empty")
-    device = model.lm_head.weight.device
-    gen = Generator(model, max_tokens=len(ids) + max_tokens, max_kv_size=max_kv_size)
-    params = sampling or SamplingParams()
-    sampler = Sampler(params, device)
-    penalize = params.repetition_penalty != 1 and params.repetition_context > 0
-    history = torch.tensor(ids[-params.repetition_context :], device=device)[None] if penalize else None
+    engine = engine or engine_for(model, EngineConfig(max_kv_size=max_kv_size))
+    stops = _stops(model, stop_tokens)
+    meter = MemoryMeter(model.device)
+    rid = engine.add_request(ids, sampling, max_tokens=max_tokens, stop=stops)
     detok = tokenizer.detokenizer()
-    stops = set(stop_tokens)
-    start = time.perf_counter()
-    logits = gen.prefill(ids)
-    first = None
-    for n in range(1, max_tokens + 1):
-        token = sampler(logits, history)
-        token_id = int(token)  # the one host sync per step: we must print and check stops
-        now = time.perf_counter()
-        first = first or now
-        stats = GenerationStats(
-            prompt_tokens=len(ids),
-            prompt_tps=len(ids) / (first - start),
-            generation_tokens=n,
-            generation_tps=(n - 1) / (now - first) if n > 1 else 0.0,
-            ttft=first - start,
-            peak_memory_gb=peak_memory_gb(device),
-        )
-        done = "stop" if token_id in stops else "length" if n == max_tokens else None
-        text = "" if token_id in stops else detok.add(token_id)
-        if done:
-            text += detok.flush()
-        yield GenerationResponse(text, token_id, stats, done)
-        if done:
-            return
-        if penalize:
-            history = torch.cat([history, token[None]], dim=1)[:, -params.repetition_context :]
-        logits = gen.step(token)
+    try:
+        for out in engine.stream(rid):
+            if out.token is None:  # a prefill chunk that did not reach the end of the prompt
+                continue
+            stats = request_stats(engine, rid, meter)
+            text = "" if out.token in stops else detok.add(out.token)
+            if out.finish_reason:
+                text += detok.flush()
+            yield GenerationResponse(text, out.token, stats, out.finish_reason)
+    finally:
+        engine.abort(rid)
+        engine.release(rid)
+
+
+def _stops(model: GptOss, given: Sequence[int] | None) -> frozenset[int]:
+    return stop_tokens(model.config) if given is None else frozenset(given)
+
+
+def request_stats(engine: Engine, rid: int, meter: MemoryMeter) -> GenerationStats:
+    req, times = engine.request(rid), engine.stats.times[rid]
+    n = len(req.output)
+    ttft = times.first_token - times.added
+    decode = times.last_token - times.first_token
+    return GenerationStats(
+        prompt_tokens=req.prompt_len,
+        cached_tokens=req.cached_tokens,
+        prompt_tps=(req.prompt_len - req.cached_tokens) / ttft,
+        generation_tokens=n,
+        generation_tps=(n - 1) / decode if n > 1 and decode > 0 else 0.0,
+        ttft=ttft,
+        peak_memory_gb=meter.peak_gb(),
+        kv_cache_tokens=engine.kv_cache_tokens,
+    )
 
 
 def generate(
@@ -165,9 +157,60 @@ def generate(
     return "".join(pieces)
 
 
+@dataclass(frozen=True)
+class BatchResponse:
+    """`batch_generate`'s result, in the order of the prompts."""
+
+    texts: list[str]
+    tokens: list[list[int]]
+    finish_reasons: list[str]
+    stats: list[GenerationStats]
+
+
+def batch_generate(
+    model: GptOss,
+    tokenizer: Tokenizer,
+    prompts: Sequence[str | Sequence[int]],
+    *,
+    max_tokens: int | Sequence[int] = 256,
+    sampling: SamplingParams | Sequence[SamplingParams] | None = None,
+    stop_tokens: Sequence[int] | None = None,
+    engine: Engine | None = None,
+    on_finish=None,
+) -> BatchResponse:
+    """Run every prompt concurrently (continuous batching) → texts in prompt order. `max_tokens` and
+    `sampling` are one for all or one per prompt; `on_finish(i)` is called as prompt i completes."""
+    n = len(prompts)
+    per_max = list(max_tokens) if isinstance(max_tokens, Sequence) else [max_tokens] * n
+    per_params = list(sampling) if isinstance(sampling, Sequence) else [sampling] * n
+    engine = engine or engine_for(model)
+    stops, meter = _stops(model, stop_tokens), MemoryMeter(model.device)
+    ids = [tokenizer.encode(p) if isinstance(p, str) else list(p) for p in prompts]
+    rids = [
+        engine.add_request(p, s, max_tokens=m, stop=stops) for p, s, m in zip(ids, per_params, per_max, strict=True)
+    ]
+    index, done = {rid: i for i, rid in enumerate(rids)}, {}
+    try:
+        while len(done) < n:
+            for out in engine.step():
+                if out.finish_reason and out.request_id in index:
+                    done[out.request_id] = request_stats(engine, out.request_id, meter)
+                    if on_finish:
+                        on_finish(index[out.request_id])
+        tokens = [[t for t in engine.request(r).output if t not in stops] for r in rids]
+        reasons = [engine.request(r).finish_reason for r in rids]
+    finally:
+        for r in rids:
+            engine.abort(r)
+            engine.release(r)
+    texts = [tokenizer.decode(t) for t in tokens]
+    return BatchResponse(texts, tokens, reasons, [done[r] for r in rids])
+
+
 def format_stats(s: GenerationStats) -> str:
+    cached = f" ({s.cached_tokens} cached)" if s.cached_tokens else ""
     return (
-        f"prompt: {s.prompt_tokens} tokens, {s.prompt_tps:.1f} tok/s | generation: {s.generation_tokens} "
+        f"prompt: {s.prompt_tokens} tokens{cached}, {s.prompt_tps:.1f} tok/s | generation: {s.generation_tokens} "
         f"tokens, {s.generation_tps:.1f} tok/s | ttft {s.ttft * 1000:.0f} ms | peak memory "
-        f"{s.peak_memory_gb:.2f} GB"
+        f"{s.peak_memory_gb:.2f} GB | KV cache {s.kv_cache_tokens:,} tokens"
     )

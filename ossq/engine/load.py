@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from ossq.engine.model import GptOss
-from ossq.engine.ops import TorchOps
+from ossq.engine.ops import Ops, select_ops
 from ossq.errors import CheckpointError
 from ossq.formats.hf import Checkpoint
 
@@ -32,11 +32,13 @@ def load_model(
     *,
     device: str | torch.device | None = None,
     dtype: torch.dtype | None = None,
-    ops: TorchOps | None = None,
+    ops: Ops | str | None = None,
 ) -> tuple[GptOss, Path]:
-    """The model and the resolved checkpoint directory."""
+    """The model and the resolved checkpoint directory. `ops` is an implementation or its name
+    (engine/ops.py); its `prepare` hook runs once the weights are in."""
     device = torch.device(device) if device is not None else default_device()
     dtype = dtype or default_dtype(device)
+    ops = select_ops(ops) if ops is None or isinstance(ops, str) else ops
     ckpt = Checkpoint(path_or_repo)
     try:
         with torch.device(device):
@@ -47,6 +49,7 @@ def load_model(
             _fill(buffers[name], ckpt.read(name), name)
     finally:
         ckpt.close()
+    ops.prepare(model)
     return model.eval(), ckpt.root
 
 

@@ -5,7 +5,10 @@ Module and parameter names equal the MLX checkpoint keys (formats/mlx.py), so lo
 one-to-one match. Weights are stored as the checkpoint stores them (bf16, affine-packed or MXFP4) and
 every heavy operation goes through `self.ops` (engine/ops.py), which is where faster kernels plug in.
 
-Shapes: B batch, T tokens, H query heads, K kv heads, D head dim, C hidden, E experts, V vocab.
+A forward step runs a flat batch of N tokens from many sequences at once (prefill chunks and decode
+tokens mixed); `Batch` (engine/batch.py) says which token belongs where, and the KV pool (engine/kv.py)
+holds every sequence's keys and values. Shapes: N tokens, H query heads, K kv heads, D head dim,
+C hidden, E experts, V vocab.
 """
 
 from __future__ import annotations
@@ -16,8 +19,9 @@ import torch
 from torch import nn
 
 from ossq.config import ModelConfig
-from ossq.engine.cache import KVCache
-from ossq.engine.ops import TorchOps
+from ossq.engine.batch import Batch
+from ossq.engine.kv import KVPool
+from ossq.engine.ops import Ops, TorchOps
 from ossq.formats.mlx import LinearInfo, QuantSpec, linear_modules
 
 
@@ -57,7 +61,7 @@ class Rotary(nn.Module):
         self.attention_factor = config.attention_factor
 
     def forward(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """positions (T,) → cos, sin (T, D/2), scaled by the YaRN concentration, in `dtype`."""
+        """positions (N,) → cos, sin (N, D/2), scaled by the YaRN concentration, in `dtype`."""
         freqs = positions[:, None].float() * self.inv_freq[None, :]
         return (freqs.cos() * self.attention_factor).to(dtype), (freqs.sin() * self.attention_factor).to(dtype)
 
@@ -98,28 +102,26 @@ class LinearBuilder:
 
 
 class Attention(nn.Module):
-    def __init__(self, config: ModelConfig, layer: int, make: LinearBuilder, ops: TorchOps) -> None:
+    def __init__(self, config: ModelConfig, layer: int, make: LinearBuilder, ops: Ops) -> None:
         super().__init__()
         self.layer, self.ops, self.head_dim = layer, ops, config.head_dim
+        self.window = config.window(layer)
         self.scale = config.head_dim**-0.5
         for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
             setattr(self, name, make(f"model.layers.{layer}.self_attn.{name}"))
         self.register_buffer("sinks", torch.zeros(config.num_attention_heads, dtype=make.dtype))
 
-    def forward(
-        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, positions: torch.Tensor, cache: KVCache
-    ) -> torch.Tensor:
-        B, T, _ = x.shape
-        ops = self.ops
-        q = ops.linear(x, self.q_proj).view(B, T, -1, self.head_dim)  # (B, T, H, D)
-        k = ops.linear(x, self.k_proj).view(B, T, -1, self.head_dim)  # (B, T, K, D)
-        v = ops.linear(x, self.v_proj).view(B, T, -1, self.head_dim)
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, batch: Batch, kv: KVPool) -> torch.Tensor:
+        N, ops = x.shape[0], self.ops
+        q = ops.linear(x, self.q_proj).view(N, -1, self.head_dim)  # (N, H, D)
+        k = ops.linear(x, self.k_proj).view(N, -1, self.head_dim)  # (N, K, D)
+        v = ops.linear(x, self.v_proj).view(N, -1, self.head_dim)
         q, k = ops.rope(q, cos, sin), ops.rope(k, cos, sin)
-        kv = cache.write(self.layer, k, v, positions)
-        o = ops.attention(
-            q, kv.k, kv.v, self.sinks, q_pos=positions, k_pos=kv.pos, window=kv.window, scale=self.scale
-        )  # (B, T, H, D)
-        return ops.linear(o.reshape(B, T, -1), self.o_proj)
+        k_pool, v_pool = kv.k[self.layer], kv.v[self.layer]
+        ops.write_kv(k_pool, v_pool, k, v, batch.slots)
+        window = self.window or batch.max_kv_size  # max_kv_size caps the full layers, as mlx-lm's option
+        o = ops.attention(q, k_pool, v_pool, self.sinks, batch, window=window, scale=self.scale)  # (N, H, D)
+        return ops.linear(o.reshape(N, -1), self.o_proj)
 
 
 class Experts(nn.Module):
@@ -138,7 +140,7 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, config: ModelConfig, layer: int, make: LinearBuilder, ops: TorchOps) -> None:
+    def __init__(self, config: ModelConfig, layer: int, make: LinearBuilder, ops: Ops) -> None:
         super().__init__()
         self.config, self.ops = config, ops
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
@@ -146,27 +148,18 @@ class Block(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp = MLP(layer, make)
 
-    def forward(
-        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, positions: torch.Tensor, cache: KVCache
-    ) -> torch.Tensor:
-        c, ops = self.config, self.ops
-        x = x + self.self_attn(self._norm(x, self.input_layernorm), cos, sin, positions, cache)
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, batch: Batch, kv: KVPool) -> torch.Tensor:
+        c = self.config
+        x = x + self.self_attn(self._norm(x, self.input_layernorm), cos, sin, batch, kv)
         h = self._norm(x, self.post_attention_layernorm)
-        moe = ops.moe(
-            h.reshape(-1, h.shape[-1]),
-            self.mlp,
-            top_k=c.num_experts_per_tok,
-            limit=c.swiglu_limit,
-            alpha=c.swiglu_alpha,
-        )
-        return x + moe.view_as(x)
+        return x + self.ops.moe(h, self.mlp, top_k=c.num_experts_per_tok, limit=c.swiglu_limit, alpha=c.swiglu_alpha)
 
     def _norm(self, x: torch.Tensor, norm: RMSNorm) -> torch.Tensor:
         return self.ops.rms_norm(x, norm.weight, norm.eps)
 
 
 class Body(nn.Module):
-    def __init__(self, config: ModelConfig, make: LinearBuilder, ops: TorchOps) -> None:
+    def __init__(self, config: ModelConfig, make: LinearBuilder, ops: Ops) -> None:
         super().__init__()
         self.embed_tokens = make("model.embed_tokens")
         self.layers = nn.ModuleList(Block(config, i, make, ops) for i in range(config.num_hidden_layers))
@@ -174,7 +167,8 @@ class Body(nn.Module):
 
 
 class GptOss(nn.Module):
-    """The whole model. `forward(tokens, cache)` runs one chunk and advances the cache."""
+    """The whole model. `forward(batch, kv)` runs one step of many sequences and writes their keys and
+    values into the pool."""
 
     def __init__(
         self,
@@ -182,7 +176,7 @@ class GptOss(nn.Module):
         specs: dict[str, QuantSpec | None] | None = None,
         *,
         dtype: torch.dtype = torch.bfloat16,
-        ops: TorchOps | None = None,
+        ops: Ops | None = None,
     ) -> None:
         super().__init__()
         self.config, self.dtype = config, dtype
@@ -193,36 +187,15 @@ class GptOss(nn.Module):
         self.lm_head = make("lm_head")
         self.rotary = Rotary(config)
 
-    def make_cache(
-        self, *, max_tokens: int, batch: int = 1, max_kv_size: int | None = None, chunk: int | None = None
-    ) -> KVCache:
-        device = self.lm_head.weight.device
-        kwargs = {"chunk": chunk} if chunk else {}
-        return KVCache(
-            self.config,
-            max_tokens=max_tokens,
-            batch=batch,
-            max_kv_size=max_kv_size,
-            dtype=self.dtype,
-            device=device,
-            **kwargs,
-        )
+    @property
+    def device(self) -> torch.device:
+        return self.lm_head.weight.device
 
-    def forward(self, tokens: torch.Tensor, cache: KVCache | None = None, *, last_only: bool = False) -> torch.Tensor:
-        """tokens (B, T) → logits (B, T, V) in float32 ((B, 1, V) with `last_only`).
-
-        Without a cache the call is a full forward over `tokens` from position 0.
-        """
-        B, T = tokens.shape
-        if cache is None:
-            cache = self.make_cache(max_tokens=T, batch=B, chunk=T)
-        positions = cache.positions(T)
-        x = self.ops.embedding(tokens, self.model.embed_tokens, self.dtype)  # (B, T, C)
-        cos, sin = self.rotary(positions, self.dtype)
+    def forward(self, batch: Batch, kv: KVPool) -> torch.Tensor:
+        """→ logits (R, V) float32 of the rows `batch.logits_rows`, in that order."""
+        x = self.ops.embedding(batch.tokens, self.model.embed_tokens, self.dtype)  # (N, C)
+        cos, sin = self.rotary(batch.positions, self.dtype)
         for block in self.model.layers:
-            x = block(x, cos, sin, positions, cache)
-        cache.advance(T)
-        if last_only:
-            x = x[:, -1:]
-        x = self.ops.rms_norm(x, self.model.norm.weight, self.model.norm.eps)
+            x = block(x, cos, sin, batch, kv)
+        x = self.ops.rms_norm(x[batch.logits_rows], self.model.norm.weight, self.model.norm.eps)
         return self.ops.linear(x, self.lm_head).float()

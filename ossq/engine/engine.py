@@ -1,0 +1,299 @@
+"""The engine: many requests at once over one paged KV pool — `add_request`, `step`, `abort`.
+
+Each `step` asks the scheduler (engine/scheduler.py) what to run, builds the step's `Batch`, runs one
+forward of the model over all of it, samples every request that reached the end of its tokens, and then
+reads the sampled tokens back to the host — the step's only synchronisation — to check stops and
+lengths. A request's tokens depend only on its own prompt, parameters and seed, never on what else is
+in the batch: each row is sampled with its own parameters and counter-based noise.
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+from collections import deque
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from ossq.engine.batch import Batch, SeqChunk
+from ossq.engine.blocks import BlockManager
+from ossq.engine.kv import BLOCK_TOKENS, KVPool, blocks_for, default_kv_tokens
+from ossq.engine.model import GptOss
+from ossq.engine.sampling import SamplingBatch, SamplingParams, random_seed, sample
+from ossq.engine.scheduler import Request, Scheduler
+from ossq.errors import InvalidArgument, PromptTooLong
+
+PREFILL_CHUNK_TOKENS = 512
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """How the engine runs. `kv_cache_tokens` sizes the pool (None: engine/kv.py's default);
+    `max_batch_tokens` is the step's token budget (prefill chunk); `max_kv_size` caps the keys the
+    full-attention layers see, as mlx-lm's option."""
+
+    kv_cache_tokens: int | None = None
+    max_num_seqs: int = 64
+    max_batch_tokens: int = PREFILL_CHUNK_TOKENS
+    max_kv_size: int | None = None
+    prefix_cache: bool = True
+
+    def __post_init__(self) -> None:
+        for name in ("kv_cache_tokens", "max_kv_size"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise InvalidArgument(name, f"{name} must be at least 1, got {value}")
+        for name in ("max_num_seqs", "max_batch_tokens"):
+            if getattr(self, name) < 1:
+                raise InvalidArgument(name, f"{name} must be at least 1, got {getattr(self, name)}")
+
+
+@dataclass(frozen=True)
+class StepOutput:
+    """What one step did for one request: the token it sampled (if it reached the end of its tokens),
+    whether it finished, and for scoring requests the logits of the positions computed (rows from
+    position `logits_start`: row i predicts the token after position logits_start + i)."""
+
+    request_id: int
+    token: int | None
+    finish_reason: str | None
+    logits: torch.Tensor | None = None
+    logits_start: int = 0
+
+
+@dataclass
+class RequestTimes:
+    added: float
+    first_token: float | None = None
+    last_token: float | None = None
+
+
+@dataclass
+class EngineStats:
+    """Running totals since the engine started."""
+
+    steps: int = 0
+    computed_tokens: int = 0  # positions run through the model (prefix-cache hits excluded)
+    generated_tokens: int = 0
+    times: dict[int, RequestTimes] = field(default_factory=dict)
+
+
+class Engine:
+    def __init__(self, model: GptOss, config: EngineConfig | None = None) -> None:
+        self.model, self.config = model, config or EngineConfig()
+        c, mc = self.config, model.config
+        tokens = c.kv_cache_tokens or default_kv_tokens(mc, model.dtype, model.device)
+        if tokens < BLOCK_TOKENS:
+            raise InvalidArgument("kv_cache_tokens", f"kv_cache_tokens must be at least {BLOCK_TOKENS}, got {tokens}")
+        self.kv = KVPool.allocate(mc, num_blocks=tokens // BLOCK_TOKENS, dtype=model.dtype, device=model.device)
+        self.blocks = BlockManager(self.kv.num_blocks, prefix_cache=c.prefix_cache)
+        span = (
+            None
+            if c.max_kv_size is None
+            else max(c.max_kv_size, max(mc.window(i) or 0 for i in range(mc.num_hidden_layers)))
+        )
+        self.scheduler = Scheduler(
+            self.blocks, max_num_seqs=c.max_num_seqs, max_batch_tokens=c.max_batch_tokens, span=span
+        )
+        self.requests: dict[int, Request] = {}
+        self.stats = EngineStats()
+        self._ids = itertools.count()
+        self._inboxes: dict[int, deque[StepOutput]] = {}
+
+    @property
+    def preemptions(self) -> int:
+        return self.scheduler.preemptions
+
+    @property
+    def kv_cache_tokens(self) -> int:
+        return self.kv.num_blocks * BLOCK_TOKENS
+
+    def add_request(
+        self,
+        prompt: Sequence[int],
+        params: SamplingParams | None = None,
+        *,
+        max_tokens: int = 256,
+        stop: Iterable[int] = (),
+        logits_from: int | None = None,
+    ) -> int:
+        """Queue a request → its id. Refused (nothing else disturbed) when it could not run even alone."""
+        params = params or SamplingParams()
+        self._check(list(prompt), max_tokens, logits_from)
+        seed = random_seed() if params.seed is None else params.seed
+        rid = next(self._ids)
+        req = Request(rid, len(prompt), list(prompt), params, seed, max_tokens, frozenset(stop), logits_from)
+        self.requests[rid] = req
+        self.stats.times[rid] = RequestTimes(time.perf_counter())
+        self.scheduler.add(req)
+        return rid
+
+    def _check(self, prompt: list[int], max_tokens: int, logits_from: int | None) -> None:
+        if not prompt:
+            raise InvalidArgument("prompt", "the prompt is empty")
+        if max_tokens < 1:
+            raise InvalidArgument("max_tokens", f"max_tokens must be at least 1, got {max_tokens}")
+        if logits_from is not None and not 0 <= logits_from < len(prompt):
+            raise InvalidArgument("logits_from", f"logits_from must lie inside the prompt, got {logits_from}")
+        vocab = self.model.config.vocab_size
+        if min(prompt) < 0 or max(prompt) >= vocab:
+            raise InvalidArgument("prompt", f"token ids must lie in [0, {vocab}), got {min(prompt)}..{max(prompt)}")
+        total = len(prompt) + max_tokens - 1  # the last sampled token is never fed back
+        limit = self.model.config.max_position_embeddings
+        if self.config.max_kv_size is None and total > limit:
+            raise PromptTooLong(
+                f"{len(prompt)} prompt tokens + {max_tokens} to generate exceed the model's context of {limit} "
+                "(shorten the prompt or max_tokens, or pass max_kv_size)"
+            )
+        need = self.scheduler.max_blocks(total)
+        if need > self.kv.num_blocks:
+            raise PromptTooLong(
+                f"{len(prompt)} prompt tokens + {max_tokens} to generate need {need * BLOCK_TOKENS} KV-cache "
+                f"tokens, but the cache holds {self.kv_cache_tokens} (raise kv_cache_tokens)"
+            )
+
+    def abort(self, request_id: int) -> None:
+        req = self.requests.pop(request_id, None)
+        if req is not None and req.finish_reason is None:
+            req.finish_reason = "abort"
+            self.scheduler.finish(req)
+
+    def request(self, request_id: int) -> Request:
+        return self.requests[request_id]
+
+    def release(self, request_id: int) -> None:
+        """Forget a finished request (its stats and tokens)."""
+        self.requests.pop(request_id, None)
+        self.stats.times.pop(request_id, None)
+
+    @property
+    def has_unfinished(self) -> bool:
+        return bool(self.scheduler.running or self.scheduler.waiting)
+
+    @torch.inference_mode()
+    def step(self) -> list[StepOutput]:
+        """Run one step → what happened to each request in it."""
+        scheduled = self.scheduler.schedule()
+        if not scheduled:
+            return []
+        plan = [_Planned(req, req.num_computed, req.num_computed + n) for req, n in scheduled]
+        self.stats.steps += 1
+        batch = self._batch(plan)
+        logits = self.model(batch, self.kv)
+        samplers = [p for p in plan if p.samples]
+        tokens = self._sample(logits, samplers).tolist() if samplers else []  # the step's one device read
+        for p, token in zip(samplers, tokens, strict=True):
+            p.token = token
+        outputs = [self._update(p, logits) for p in plan]
+        for out in outputs:
+            if out.request_id in self._inboxes:
+                self._inboxes[out.request_id].append(out)
+        return outputs
+
+    def stream(self, request_id: int) -> Iterator[StepOutput]:
+        """The outputs of one request, stepping the engine as needed. From this call on, outputs of the
+        request that another stream's step produces wait in its inbox, so several streams may be consumed
+        in any interleaving."""
+        inbox = self._inboxes.setdefault(request_id, deque())
+        return self._drain(request_id, inbox)
+
+    def _drain(self, request_id: int, inbox: deque[StepOutput]) -> Iterator[StepOutput]:
+        try:
+            while True:
+                while inbox:
+                    out = inbox.popleft()
+                    yield out
+                    if out.finish_reason:
+                        return
+                req = self.requests.get(request_id)
+                if req is None or req.finish_reason or not self.step():
+                    return
+        finally:
+            self._inboxes.pop(request_id, None)
+
+    def _batch(self, plan: list[_Planned]) -> Batch:
+        """The step's metadata; notes where each request's logits rows fall."""
+        chunks, row = [], 0
+        for p in plan:
+            req = p.req
+            first = p.end - 1 if p.samples else None
+            if req.logits_from is not None and p.end > req.logits_from:
+                first = max(req.logits_from, p.start)
+            if first is not None:
+                p.first_row, p.num_rows, p.logits_start = row, p.end - first, first
+                row += p.num_rows
+            chunks.append(SeqChunk(req.tokens[p.start : p.end], p.start, req.blocks, first))
+        return Batch.build(chunks, device=self.model.device, max_kv_size=self.config.max_kv_size)
+
+    def _sample(self, logits: torch.Tensor, plan: list[_Planned]) -> torch.Tensor:
+        """(B,) one token per request that samples, from the last of its logits rows."""
+        device, reqs = logits.device, [p.req for p in plan]
+
+        def tensor(values: list[int]) -> torch.Tensor:
+            return torch.tensor(values, dtype=torch.int64).to(device)
+
+        rows = tensor([p.first_row + p.num_rows - 1 for p in plan])
+        params = SamplingBatch.from_params([r.params for r in reqs], device)
+        seeds, counters = tensor([r.seed for r in reqs]), tensor([len(r.output) for r in reqs])
+        return sample(logits[rows], params, seeds=seeds, counters=counters, recent=_recent(reqs, device))
+
+    def _update(self, p: _Planned, logits: torch.Tensor) -> StepOutput:
+        """Book the step for one request: written positions, the sampled token, stop or length."""
+        req, stats, now = p.req, self.stats, time.perf_counter()
+        self.scheduler.commit(req, p.end - p.start)
+        stats.computed_tokens += p.end - p.start
+        wanted = req.logits_from is not None and p.num_rows
+        scores = logits[p.first_row : p.first_row + p.num_rows] if wanted else None
+        if p.token is not None:
+            req.tokens.append(p.token)
+            times = stats.times[req.id]
+            times.first_token = times.first_token or now
+            times.last_token = now
+            stats.generated_tokens += 1
+            if p.token in req.stop:
+                req.finish_reason = "stop"
+            elif len(req.output) >= req.max_tokens:
+                req.finish_reason = "length"
+            if req.finish_reason:
+                self.scheduler.finish(req)
+        return StepOutput(req.id, p.token, req.finish_reason, scores, p.logits_start)
+
+
+@dataclass(eq=False)
+class _Planned:
+    """One scheduled request in the step being built."""
+
+    req: Request
+    start: int  # positions start .. end of the request are computed in this step
+    end: int
+    token: int | None = None
+    first_row: int = 0  # its logits rows in the step's output, and the position of the first one
+    num_rows: int = 0
+    logits_start: int = 0
+
+    @property
+    def samples(self) -> bool:
+        return self.end == len(self.req.tokens)
+
+
+def _recent(reqs: list[Request], device: torch.device) -> torch.Tensor | None:
+    """(B, R) the last tokens each penalized request looks at, oldest first, −1 padded; None: no penalty."""
+    width = max((r.params.repetition_context for r in reqs if r.params.repetition_penalty != 1), default=0)
+    if width == 0:
+        return None
+    rows = [([-1] * width + r.tokens[-width:])[-width:] for r in reqs]
+    return torch.tensor(rows, dtype=torch.int64).to(device)
+
+
+@torch.inference_mode()
+def forward_full(model: GptOss, ids: torch.Tensor, *, max_kv_size: int | None = None) -> torch.Tensor:
+    """Logits (B, T, V) float32 of every position of B sequences `ids` (B, T) run from position 0 in one
+    step, in a pool made for them: the whole-model forward the oracle tests compare."""
+    B, T = ids.shape
+    per_seq = blocks_for(T)
+    kv = KVPool.allocate(model.config, num_blocks=B * per_seq, dtype=model.dtype, device=model.device)
+    rows = ids.tolist()
+    chunks = [SeqChunk(rows[b], 0, range(b * per_seq, (b + 1) * per_seq), 0) for b in range(B)]
+    return model(Batch.build(chunks, device=model.device, max_kv_size=max_kv_size), kv).view(B, T, -1)

@@ -1,0 +1,260 @@
+"""The engine for many sequences: batched equals alone, chunked prefill equals one forward, prefix caching
+computes only what is new, preemption changes nothing, windows release blocks correctly, refusals
+disturb nothing, and a decode step never synchronises with the host."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.overrides import TorchFunctionMode
+
+from ossq.engine.engine import Engine, EngineConfig, forward_full
+from ossq.engine.kv import BLOCK_TOKENS
+from ossq.engine.sampling import SamplingParams
+from ossq.errors import InvalidArgument, PromptTooLong
+from tests.conftest import random_model
+
+TOL = 1e-5
+SAMPLED = SamplingParams(temperature=0.9, top_p=0.95, top_k=40, seed=1234)
+
+
+@pytest.fixture(scope="module")
+def model():
+    return random_model()
+
+
+def prompt(n: int, seed: int) -> list[int]:
+    return torch.randint(0, 512, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
+
+
+def run(engine: Engine, requests: list[dict], arrivals: list[int] | None = None) -> dict[int, dict]:
+    """Add `requests[i]` at step `arrivals[i]` and step to the end → per request index: tokens, the logits
+    of every position from the last prompt token on, and the request's cached-token count."""
+    arrivals = arrivals or [0] * len(requests)
+    ids: dict[int, int] = {}
+    result = {i: {"tokens": [], "logits": []} for i in range(len(requests))}
+    for step in range(max(arrivals) + 1):
+        for i, r in enumerate(requests):
+            if arrivals[i] == step:
+                rid = engine.add_request(r["prompt"], r.get("params"), max_tokens=r["max_tokens"],
+                                         logits_from=len(r["prompt"]) - 1)  # fmt: skip
+                ids[rid] = i
+        collect(engine.step(), ids, result)
+    while engine.has_unfinished:
+        collect(engine.step(), ids, result)
+    for rid, i in ids.items():
+        result[i]["cached"] = engine.request(rid).cached_tokens
+        result[i]["logits"] = torch.cat(result[i]["logits"])
+    return result
+
+
+def collect(outputs: list, ids: dict[int, int], result: dict[int, dict]) -> None:
+    for out in outputs:
+        i = ids[out.request_id]
+        if out.logits is not None:
+            result[i]["logits"].append(out.logits)
+        if out.token is not None:
+            result[i]["tokens"].append(out.token)
+
+
+def alone(model, request: dict, **config) -> dict:
+    engine = Engine(model, EngineConfig(kv_cache_tokens=1024, max_num_seqs=1, prefix_cache=False, **config))
+    return run(engine, [request])[0]
+
+
+REQUESTS = [
+    {"prompt": prompt(n, seed=n), "max_tokens": m, "params": SAMPLED if n % 2 else None}
+    for n, m in [(1, 6), (5, 9), (7, 3), (8, 12), (9, 5), (15, 7), (16, 8), (17, 4), (31, 10), (32, 6), (33, 9),
+                 (47, 5), (64, 3), (100, 8), (211, 6), (300, 5)]
+]  # fmt: skip
+
+
+def test_sixteen_requests_batched_equal_each_request_run_alone(model):
+    arrivals = [0, 0, 1, 1, 2, 3, 3, 4, 5, 6, 6, 7, 9, 12, 15, 20]
+    engine = Engine(model, EngineConfig(kv_cache_tokens=4096, max_batch_tokens=128, prefix_cache=False))
+    batched = run(engine, REQUESTS, arrivals)
+    for i, request in enumerate(REQUESTS):
+        expected = alone(model, request)
+        assert batched[i]["tokens"] == expected["tokens"], f"request {i}"
+        assert len(batched[i]["tokens"]) == request["max_tokens"]
+        assert (batched[i]["logits"] - expected["logits"]).abs().max() < TOL
+
+
+def test_chunked_prefill_and_decode_equal_one_full_forward(model):
+    ids = prompt(70, seed=5)
+    engine = Engine(model, EngineConfig(kv_cache_tokens=256, max_batch_tokens=9))
+    rid = engine.add_request(ids, max_tokens=1, logits_from=0)
+    stepped = torch.cat([out.logits for out in _drain(engine) if out.request_id == rid])
+    full = forward_full(model, torch.tensor([ids]))[0]
+    assert stepped.shape == full.shape
+    assert (stepped - full).abs().max() < TOL
+
+
+def _drain(engine: Engine) -> list:
+    outs = []
+    while engine.has_unfinished:
+        outs += engine.step()
+    return outs
+
+
+@pytest.mark.parametrize("shared", [5, 16, 24, 40, 75])  # under a block, one block, mid-block, past the window
+def test_a_shared_prefix_is_computed_once_and_changes_no_logit(model, shared):
+    base = prompt(shared, seed=11)
+    first, second = base + prompt(9, seed=12), base + prompt(13, seed=13)
+    engine = Engine(model, EngineConfig(kv_cache_tokens=1024))
+    run(engine, [{"prompt": first, "max_tokens": 4}])
+    before = engine.stats.computed_tokens
+    cached = run(engine, [{"prompt": second, "max_tokens": 4}])[0]
+    reused = shared // BLOCK_TOKENS * BLOCK_TOKENS
+    assert cached["cached"] == reused
+    assert engine.stats.computed_tokens - before == len(second) - reused + 3  # + 3 decode steps
+    expected = alone(model, {"prompt": second, "max_tokens": 4})
+    assert cached["tokens"] == expected["tokens"]
+    assert (cached["logits"] - expected["logits"]).abs().max() < TOL
+
+
+def test_a_repeated_prompt_recomputes_only_its_last_block(model):
+    ids = prompt(48, seed=3)
+    engine = Engine(model, EngineConfig(kv_cache_tokens=1024))
+    run(engine, [{"prompt": ids, "max_tokens": 2}])
+    again = run(engine, [{"prompt": ids, "max_tokens": 2}])[0]
+    assert again["cached"] == 32  # its last token must be computed, so the block holding it is not shared
+    assert again["tokens"] == alone(model, {"prompt": ids, "max_tokens": 2})["tokens"]
+
+
+def test_generated_tokens_are_cached_for_the_next_turn_of_a_chat(model):
+    ids = prompt(20, seed=4)
+    engine = Engine(model, EngineConfig(kv_cache_tokens=1024))
+    reply = run(engine, [{"prompt": ids, "max_tokens": 30}])[0]["tokens"]
+    next_turn = ids + reply + prompt(5, seed=6)
+    assert run(engine, [{"prompt": next_turn, "max_tokens": 2}])[0]["cached"] == 48  # 49 tokens were computed
+
+
+def test_unreferenced_blocks_are_evicted_least_recently_used_first(model):
+    engine = Engine(model, EngineConfig(kv_cache_tokens=10 * BLOCK_TOKENS))
+    a, b, c = prompt(65, seed=21), prompt(65, seed=22), prompt(65, seed=23)
+    for ids in (a, b):
+        run(engine, [{"prompt": ids, "max_tokens": 1}])
+    assert run(engine, [{"prompt": b, "max_tokens": 1}])[0]["cached"] == 64  # b: most recent, still there
+    run(engine, [{"prompt": c, "max_tokens": 1}])  # needs 5 blocks: evicts a's, the least recently used
+    assert run(engine, [{"prompt": a, "max_tokens": 1}])[0]["cached"] == 0
+    expected = alone(model, {"prompt": a, "max_tokens": 1})
+    assert run(engine, [{"prompt": a, "max_tokens": 1}])[0]["tokens"] == expected["tokens"]
+
+
+def test_no_prefix_cache_reuses_nothing(model):
+    ids = prompt(40, seed=8)
+    engine = Engine(model, EngineConfig(kv_cache_tokens=1024, prefix_cache=False))
+    run(engine, [{"prompt": ids, "max_tokens": 2}])
+    assert run(engine, [{"prompt": ids, "max_tokens": 2}])[0]["cached"] == 0
+
+
+def test_preempted_requests_finish_with_the_outputs_of_an_unconstrained_run(model):
+    requests = [{"prompt": prompt(30 + 7 * i, seed=40 + i), "max_tokens": 40, "params": SAMPLED} for i in range(6)]
+    small = Engine(model, EngineConfig(kv_cache_tokens=12 * BLOCK_TOKENS, max_batch_tokens=64))
+    constrained = run(small, requests)
+    assert small.preemptions > 0
+    roomy = run(Engine(model, EngineConfig(kv_cache_tokens=4096, prefix_cache=False)), requests)
+    for i in range(len(requests)):
+        assert constrained[i]["tokens"] == roomy[i]["tokens"]
+        assert len(constrained[i]["tokens"]) == 40
+
+
+def test_max_kv_size_releases_blocks_and_equals_a_capped_full_forward(model):
+    ids = prompt(120, seed=9)
+    engine = Engine(model, EngineConfig(kv_cache_tokens=6 * BLOCK_TOKENS, max_kv_size=24, max_batch_tokens=10))
+    rid = engine.add_request(ids, max_tokens=1, logits_from=0)  # 120 positions in a pool of 96
+    stepped = torch.cat([out.logits for out in _drain(engine) if out.request_id == rid])
+    capped = forward_full(model, torch.tensor([ids]), max_kv_size=24)[0]
+    assert (stepped - capped).abs().max() < TOL
+    uncapped = forward_full(model, torch.tensor([ids]))[0]
+    assert (capped[:24] - uncapped[:24]).abs().max() < TOL  # identical until the cap bites
+    assert (capped[-1] - uncapped[-1]).abs().max() > 1e-3  # and then it changes the answer
+
+
+def test_a_request_that_cannot_fit_alone_is_refused_and_the_others_run_on(model):
+    engine = Engine(model, EngineConfig(kv_cache_tokens=8 * BLOCK_TOKENS))
+    ok = engine.add_request(prompt(20, seed=1), max_tokens=5)
+    with pytest.raises(PromptTooLong, match="kv_cache_tokens"):
+        engine.add_request(prompt(120, seed=2), max_tokens=20)
+    with pytest.raises(PromptTooLong, match="context"):
+        Engine(model, EngineConfig(kv_cache_tokens=8192)).add_request(prompt(10, seed=1), max_tokens=5000)
+    with pytest.raises(InvalidArgument, match="empty"):
+        engine.add_request([], max_tokens=5)
+    with pytest.raises(InvalidArgument, match="token ids"):
+        engine.add_request([512], max_tokens=5)
+    outs = [o for o in _drain(engine) if o.request_id == ok]
+    assert [o.token for o in outs] == alone(model, {"prompt": prompt(20, seed=1), "max_tokens": 5})["tokens"]
+
+
+def test_stop_tokens_end_a_request_and_abort_frees_its_blocks(model):
+    ids = prompt(10, seed=7)
+    first = alone(model, {"prompt": ids, "max_tokens": 5})["tokens"]
+    engine = Engine(model, EngineConfig(kv_cache_tokens=1024, prefix_cache=False))
+    rid = engine.add_request(ids, max_tokens=5, stop=[first[2]])
+    outs = [o for o in engine.stream(rid) if o.token is not None]
+    assert [o.token for o in outs] == first[: first.index(first[2]) + 1]
+    assert outs[-1].finish_reason == "stop"
+    other = engine.add_request(ids, max_tokens=50)
+    engine.step()
+    assert engine.blocks.num_used > 0
+    engine.abort(other)
+    assert engine.blocks.num_used == 0 and not engine.has_unfinished
+
+
+def test_interleaved_streams_each_get_their_own_tokens(model):
+    engine = Engine(model, EngineConfig(kv_cache_tokens=1024))
+    a, b = prompt(12, seed=30), prompt(25, seed=31)
+    sa = engine.stream(engine.add_request(a, max_tokens=6))
+    sb = engine.stream(engine.add_request(b, max_tokens=4))
+    got_a = [next(o for o in sa if o.token is not None).token]
+    got_b = [o.token for o in sb if o.token is not None]  # steps a too: its tokens wait in its inbox
+    got_a += [o.token for o in sa if o.token is not None]
+    assert got_a == alone(model, {"prompt": a, "max_tokens": 6})["tokens"]
+    assert got_b == alone(model, {"prompt": b, "max_tokens": 4})["tokens"]
+
+
+class SyncProbe(TorchFunctionMode):
+    """Records the torch calls that read a tensor's value back to the host."""
+
+    SYNCING = {"item", "tolist", "__bool__", "nonzero", "cpu", "numpy", "unique", "__int__", "__float__"}
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: list[str] = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        name = getattr(func, "__name__", str(func))
+        if name in self.SYNCING or (name == "where" and len(args) == 1):
+            self.seen.append(name)
+        return func(*args, **(kwargs or {}))
+
+
+def test_a_decode_step_of_forward_and_sampling_never_reads_the_device(model):
+    engine = Engine(model, EngineConfig(kv_cache_tokens=1024))
+    for i in range(4):
+        engine.add_request(prompt(10 + i, seed=i), SAMPLED if i % 2 else None, max_tokens=8)
+    engine.step()  # the prefills
+    plan = engine.scheduler.schedule()
+    assert all(n == 1 for _, n in plan)
+    from ossq.engine.engine import _Planned
+
+    planned = [_Planned(req, req.num_computed, req.num_computed + n) for req, n in plan]
+    batch = engine._batch(planned)
+    with torch.inference_mode(), SyncProbe() as probe:
+        logits = model(batch, engine.kv)
+        engine._sample(logits, planned)
+    assert probe.seen == []
+
+
+def test_the_sync_probe_sees_the_host_reads_of_a_prefill_step(model):
+    """The probe can fail: a 40-token step groups tokens by expert, which reads the routing back."""
+    engine = Engine(model, EngineConfig(kv_cache_tokens=1024))
+    engine.add_request(prompt(40, seed=1), max_tokens=2)
+    from ossq.engine.engine import _Planned
+
+    ((req, n),) = engine.scheduler.schedule()
+    batch = engine._batch([_Planned(req, 0, n)])
+    with torch.inference_mode(), SyncProbe() as probe:
+        model(batch, engine.kv)
+    assert "unique" in probe.seen
