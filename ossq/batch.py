@@ -116,8 +116,9 @@ def run_prompts_file(
     reasoning_effort: str = "medium",
     progress: bool = True,
 ) -> BatchResponse:
-    lines = read_prompts(prompts_file, tokenizer, max_tokens=max_tokens, sampling=sampling,
-                         reasoning_effort=reasoning_effort)  # fmt: skip
+    lines = read_prompts(
+        prompts_file, tokenizer, max_tokens=max_tokens, sampling=sampling, reasoning_effort=reasoning_effort
+    )
     with _progress(len(lines), progress) as advance:
         result = batch_generate(
             model,
@@ -172,8 +173,13 @@ class _progress:
         from rich.console import Console
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-        self.bar = Progress(TextColumn("generating"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                            console=Console(stderr=True))  # fmt: skip
+        self.bar = Progress(
+            TextColumn("generating"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            console=Console(stderr=True),
+        )
         self.bar.__enter__()
         task = self.bar.add_task("", total=self.total)
         return lambda: self.bar.advance(task)

@@ -345,8 +345,10 @@ def _bench_model(name: str, ckpt: Checkpoint, job: _Job) -> ModelBench:
         size, params, bpw = checkpoint_facts(ckpt)
         model, _ = load(ckpt.root, device=str(job.device))
         engine = Engine(model, job.engine)
-        job.log(f"{name}: {job.prompt_tokens}-token prompt, {job.gen_tokens} tokens, {job.repeats} repeats, "
-                f"KV cache {engine.kv_cache_tokens:,} tokens")  # fmt: skip
+        job.log(
+            f"{name}: {job.prompt_tokens}-token prompt, {job.gen_tokens} tokens, {job.repeats} repeats, "
+            f"KV cache {engine.kv_cache_tokens:,} tokens"
+        )
         main = _at_context(engine, job.prompt_tokens, job, meter, name)
         if isinstance(main, str):
             return ModelBench(name, path, error=main)

@@ -236,8 +236,9 @@ def evaluate(
     for m, name in zip(pair, ("the model", "the reference"), strict=False):
         check_window(m, window, name)
         _check_vocab(m, ids)
-    config = EngineConfig(kv_cache_tokens=blocks_for(window) * BLOCK_TOKENS, max_num_seqs=1,
-                          max_batch_tokens=chunk, prefix_cache=False)  # fmt: skip
+    config = EngineConfig(
+        kv_cache_tokens=blocks_for(window) * BLOCK_TOKENS, max_num_seqs=1, max_batch_tokens=chunk, prefix_cache=False
+    )
     engines = [Engine(m, config) for m in pair]
     spans = windows(ids.numel(), window, stride or window)
     begin = time.perf_counter()

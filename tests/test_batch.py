@@ -28,10 +28,13 @@ def test_output_lines_keep_the_input_order_and_equal_one_at_a_time_runs(tiny, tm
     model, tokenizer = tiny
     lines = [
         {"prompt": "a raw prompt", "max_tokens": 5},
-        {"messages": [{"role": "developer", "content": "be brief"}, {"role": "user", "content": "hi"}], "seed": 3,
-         "temperature": 0.7},
+        {
+            "messages": [{"role": "developer", "content": "be brief"}, {"role": "user", "content": "hi"}],
+            "seed": 3,
+            "temperature": 0.7,
+        },
         {"prompt": "another, longer raw prompt than the first", "max_tokens": 3},
-    ]  # fmt: skip
+    ]
     src, out = write_lines(tmp_path / "in.jsonl", lines), tmp_path / "out.jsonl"
     run_prompts_file(model, tokenizer, src, out, max_tokens=6, sampling=SamplingParams(), progress=False)
     rows = [json.loads(x) for x in out.read_text().splitlines()]
@@ -66,7 +69,8 @@ def test_a_bad_line_is_named_before_any_work_and_nothing_is_written(tiny, tmp_pa
     monkeypatch.setattr("ossq.batch.batch_generate", lambda *a, **k: pytest.fail("generated before checking"))
     src = write_lines(tmp_path / "in.jsonl", [{"prompt": "fine"}, line])
     with pytest.raises(OssqError, match="in.jsonl:2") as e:
-        run_prompts_file(model, tokenizer, src, tmp_path / "out.jsonl", max_tokens=4, sampling=SamplingParams(),
-                         progress=False)  # fmt: skip
+        run_prompts_file(
+            model, tokenizer, src, tmp_path / "out.jsonl", max_tokens=4, sampling=SamplingParams(), progress=False
+        )
     assert message in str(e.value)
     assert list(tmp_path.iterdir()) == [src]

@@ -80,8 +80,9 @@ def test_a_missing_model_fails_before_any_model_is_measured(small_checkpoint, tm
 
 
 def test_a_model_that_fails_to_run_is_an_error_row_and_the_others_still_run(small_checkpoint, tmp_path):
-    result = bench([str(small_checkpoint)] * 2, prompt_tokens=5000, gen_tokens=2, repeats=1, warmup=0,
-                   device="cpu", progress=False)  # fmt: skip
+    result = bench(
+        [str(small_checkpoint)] * 2, prompt_tokens=5000, gen_tokens=2, repeats=1, warmup=0, device="cpu", progress=False
+    )
     assert all("PromptTooLong" in m.error and m.main is None for m in result.models)
 
 

@@ -36,8 +36,9 @@ def run(engine: Engine, requests: list[dict], arrivals: list[int] | None = None)
     for step in range(max(arrivals) + 1):
         for i, r in enumerate(requests):
             if arrivals[i] == step:
-                rid = engine.add_request(r["prompt"], r.get("params"), max_tokens=r["max_tokens"],
-                                         logits_from=len(r["prompt"]) - 1)  # fmt: skip
+                rid = engine.add_request(
+                    r["prompt"], r.get("params"), max_tokens=r["max_tokens"], logits_from=len(r["prompt"]) - 1
+                )
                 ids[rid] = i
         collect(engine.step(), ids, result)
     while engine.has_unfinished:
@@ -64,9 +65,25 @@ def alone(model, request: dict, **config) -> dict:
 
 REQUESTS = [
     {"prompt": prompt(n, seed=n), "max_tokens": m, "params": SAMPLED if n % 2 else None}
-    for n, m in [(1, 6), (5, 9), (7, 3), (8, 12), (9, 5), (15, 7), (16, 8), (17, 4), (31, 10), (32, 6), (33, 9),
-                 (47, 5), (64, 3), (100, 8), (211, 6), (300, 5)]
-]  # fmt: skip
+    for n, m in [
+        (1, 6),
+        (5, 9),
+        (7, 3),
+        (8, 12),
+        (9, 5),
+        (15, 7),
+        (16, 8),
+        (17, 4),
+        (31, 10),
+        (32, 6),
+        (33, 9),
+        (47, 5),
+        (64, 3),
+        (100, 8),
+        (211, 6),
+        (300, 5),
+    ]
+]
 
 
 def test_sixteen_requests_batched_equal_each_request_run_alone(model):
@@ -258,3 +275,23 @@ def test_the_sync_probe_sees_the_host_reads_of_a_prefill_step(model):
     with torch.inference_mode(), SyncProbe() as probe:
         model(batch, engine.kv)
     assert "unique" in probe.seen
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_a_cuda_decode_step_of_forward_and_sampling_runs_under_sync_debug_mode_error():
+    from ossq.engine.engine import _Planned
+
+    model = random_model().cuda()
+    engine = Engine(model, EngineConfig(kv_cache_tokens=1024))
+    for i in range(4):
+        engine.add_request(prompt(10 + i, seed=i), SAMPLED if i % 2 else None, max_tokens=8)
+    engine.step()
+    planned = [_Planned(req, req.num_computed, req.num_computed + n) for req, n in engine.scheduler.schedule()]
+    batch = engine._batch(planned)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        with torch.inference_mode():
+            engine._sample(model(batch, engine.kv), planned)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")

@@ -111,8 +111,12 @@ def test_batch_generate_keeps_prompt_order_and_equals_one_at_a_time(tiny):
     params = [SamplingParams(), SamplingParams(temperature=0.8, seed=3), SamplingParams(), SamplingParams(seed=1)]
     out = batch_generate(model, tokenizer, prompts, max_tokens=[5, 7, 3, 6], sampling=params, stop_tokens=())
     for i, p in enumerate(prompts):
-        alone = [r.token for r in stream_generate(model, tokenizer, p, max_tokens=[5, 7, 3, 6][i],
-                                                  sampling=params[i], stop_tokens=())]  # fmt: skip
+        alone = [
+            r.token
+            for r in stream_generate(
+                model, tokenizer, p, max_tokens=[5, 7, 3, 6][i], sampling=params[i], stop_tokens=()
+            )
+        ]
         assert out.tokens[i] == alone
         assert out.texts[i] == tokenizer.decode(alone) and out.finish_reasons[i] == "length"
 

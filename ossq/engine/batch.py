@@ -16,6 +16,13 @@ import torch
 from ossq.engine.kv import BLOCK_TOKENS
 
 
+def device_tensor(values: Sequence, dtype: torch.dtype, device: torch.device | str) -> torch.Tensor:
+    """Host values as a tensor on `device`, copied without waiting for the device: a blocking copy of
+    pageable memory would synchronise the stream (and trip `torch.cuda.set_sync_debug_mode("error")`);
+    a non-blocking one stages the values before it returns, so the temporary may go at once."""
+    return torch.tensor(values, dtype=dtype).to(device, non_blocking=True)
+
+
 @dataclass(frozen=True)
 class SeqChunk:
     """One sequence's part of a step: tokens `start` .. `start + len(tokens)` of it, through its block
@@ -75,7 +82,7 @@ class Batch:
         tables = [list(c.block_table) + [-1] * (width - len(c.block_table)) for c in chunks]
 
         def tensor(values: list, dtype: torch.dtype) -> torch.Tensor:
-            return torch.tensor(values, dtype=dtype).to(device, non_blocking=True)
+            return device_tensor(values, dtype, device)
 
         return cls(
             tokens=tensor(tokens, torch.int64),

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ossq.engine.batch import Batch, SeqChunk
+from ossq.engine.batch import Batch, SeqChunk, device_tensor
 from ossq.engine.blocks import BlockManager
 from ossq.engine.kv import BLOCK_TOKENS, KVPool, blocks_for, default_kv_tokens
 from ossq.engine.model import GptOss
@@ -232,7 +232,7 @@ class Engine:
         device, reqs = logits.device, [p.req for p in plan]
 
         def tensor(values: list[int]) -> torch.Tensor:
-            return torch.tensor(values, dtype=torch.int64).to(device)
+            return device_tensor(values, torch.int64, device)
 
         rows = tensor([p.first_row + p.num_rows - 1 for p in plan])
         params = SamplingBatch.from_params([r.params for r in reqs], device)
@@ -284,7 +284,7 @@ def _recent(reqs: list[Request], device: torch.device) -> torch.Tensor | None:
     if width == 0:
         return None
     rows = [([-1] * width + r.tokens[-width:])[-width:] for r in reqs]
-    return torch.tensor(rows, dtype=torch.int64).to(device)
+    return device_tensor(rows, torch.int64, device)
 
 
 @torch.inference_mode()

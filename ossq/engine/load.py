@@ -38,7 +38,7 @@ def load_model(
     (engine/ops.py); its `prepare` hook runs once the weights are in."""
     device = torch.device(device) if device is not None else default_device()
     dtype = dtype or default_dtype(device)
-    ops = select_ops(ops) if ops is None or isinstance(ops, str) else ops
+    ops = select_ops(ops, device) if ops is None or isinstance(ops, str) else ops
     ckpt = Checkpoint(path_or_repo)
     try:
         with torch.device(device):

@@ -16,6 +16,7 @@ tokens by expert, which reads the routing back once per layer; a fast path does 
 
 from __future__ import annotations
 
+import importlib
 from typing import Any, Protocol
 
 import torch
@@ -231,12 +232,26 @@ def _gathered_linear(x: Tensor, lin: QuantizedWeight, idx: Tensor) -> Tensor:
     return torch.bmm(w, x[:, :, None])[..., 0] + lin.bias[idx]
 
 
-OPS: dict[str, type] = {"torch": TorchOps}
+# name → "module:class", imported only when asked for (the Triton kernels need triton and a GPU).
+OPS = {
+    "torch": "ossq.engine.ops:TorchOps",
+    "cpu": "ossq.engine.cpu_ops:CpuOps",
+    "triton": "ossq.engine.triton.ops:TritonOps",
+}
 
 
-def select_ops(name: str | None = None) -> Ops:
-    """The implementation called `name` ("torch"; None picks the default)."""
+def default_ops(device: torch.device) -> str:
+    """The implementation a device runs when none is named."""
+    return "torch"
+
+
+def select_ops(name: str | None = None, device: torch.device | None = None) -> Ops:
+    """The implementation called `name` (None: `default_ops(device)`), as a fresh instance."""
+    name = name or default_ops(device or torch.device("cpu"))
+    if name not in OPS:
+        raise OssqError(f"unknown ops {name!r}; available: {', '.join(OPS)}")
+    module, cls = OPS[name].split(":")
     try:
-        return OPS[name or "torch"]()
-    except KeyError:
-        raise OssqError(f"unknown ops {name!r}; available: {', '.join(OPS)}") from None
+        return getattr(importlib.import_module(module), cls)()
+    except ImportError as e:
+        raise OssqError(f"ops {name!r} are not available here: {e}") from None

@@ -34,6 +34,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from ossq.engine.batch import device_tensor
 from ossq.errors import InvalidArgument
 
 # float32 cumulative sums are off by a few ulps; without slack a nucleus that reaches top_p
@@ -132,7 +133,7 @@ class SamplingBatch:
         filters = [_filters(p) for p in params]  # (top_k, top_p, min_p) per row
 
         def column(values: list, dtype: torch.dtype) -> Tensor:
-            return torch.tensor(values, dtype=dtype, device=device)
+            return device_tensor(values, dtype, device)
 
         return cls(
             temperature=column([p.temperature for p in params], torch.float32),
