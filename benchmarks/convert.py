@@ -101,8 +101,9 @@ def _watch(pid: int, done: threading.Event, killed: threading.Event) -> None:
     status = Path(f"/proc/{pid}/status")
     while not done.is_set():
         try:
-            rss = next(int(line.split()[1]) * 1024 for line in status.read_text().splitlines()
-                       if line.startswith("VmRSS:"))
+            rss = next(
+                int(line.split()[1]) * 1024 for line in status.read_text().splitlines() if line.startswith("VmRSS:")
+            )
         except (OSError, StopIteration):  # gone, or a zombie
             return
         if rss > RSS_LIMIT_BYTES:
@@ -113,16 +114,27 @@ def _watch(pid: int, done: threading.Event, killed: threading.Event) -> None:
 
 
 def machine() -> str:
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), platform.processor())
-    mem = next(int(line.split()[1]) * 1024 for line in Path("/proc/meminfo").read_text().splitlines()
-               if line.startswith("MemTotal"))
+    cpu = next(
+        (
+            line.split(":", 1)[1].strip()
+            for line in Path("/proc/cpuinfo").read_text().splitlines()
+            if line.startswith("model name")
+        ),
+        platform.processor(),
+    )
+    mem = next(
+        int(line.split()[1]) * 1024
+        for line in Path("/proc/meminfo").read_text().splitlines()
+        if line.startswith("MemTotal")
+    )
     return f"{os.cpu_count()} cores ({cpu}), {mem / 2**30:.0f} GiB RAM, {platform.system()} {platform.release()}"
 
 
 def versions() -> str:
-    code = ("import importlib.metadata as m; print(', '.join(f'{p} {m.version(p)}' for p in "
-            "('torch', 'safetensors', 'mlx', 'mlx-lm')))")
+    code = (
+        "import importlib.metadata as m; print(', '.join(f'{p} {m.version(p)}' for p in "
+        "('torch', 'safetensors', 'mlx', 'mlx-lm')))"
+    )
     return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True).stdout.strip()
 
 
@@ -159,11 +171,30 @@ def main() -> None:
         info = json.loads(r.stdout.strip().splitlines()[-1]) if not r.killed else {}
         table.append(_row(f"ossq (experts={args.experts})", r, ours, info.get("bits_per_weight")))
         if with_mlx:
-            argv = [sys.executable, "-m", "mlx_lm", "convert", "--hf-path", str(src), "--mlx-path", str(theirs),
-                    "-q", "--q-bits", "4", "--q-group-size", "64"]
+            argv = [
+                sys.executable,
+                "-m",
+                "mlx_lm",
+                "convert",
+                "--hf-path",
+                str(src),
+                "--mlx-path",
+                str(theirs),
+                "-q",
+                "--q-bits",
+                "4",
+                "--q-group-size",
+                "64",
+            ]
             r = run(argv, env={**os.environ, "HF_HUB_OFFLINE": "1"})
-            bpw = next((line.split("with ")[1].split(" bits")[0] for line in r.stdout.splitlines()
-                        if "bits per weight" in line), None)
+            bpw = next(
+                (
+                    line.split("with ")[1].split(" bits")[0]
+                    for line in r.stdout.splitlines()
+                    if "bits per weight" in line
+                ),
+                None,
+            )
             table.append(_row("mlx_lm convert", r, theirs, bpw))
             if not args.no_compare and not r.killed:
                 c = run([sys.executable, "-c", COMPARE, str(ours), str(theirs)])

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ossq.engine.engine import Engine
 from ossq.engine.generate import BatchResponse, batch_generate
 from ossq.engine.model import GptOss
 from ossq.engine.sampling import SamplingParams
@@ -114,6 +115,7 @@ def run_prompts_file(
     max_tokens: int,
     sampling: SamplingParams,
     reasoning_effort: str = "medium",
+    engine: Engine | None = None,
     progress: bool = True,
 ) -> BatchResponse:
     lines = read_prompts(
@@ -126,6 +128,7 @@ def run_prompts_file(
             [p.ids for p in lines],
             max_tokens=[p.max_tokens for p in lines],
             sampling=[p.sampling for p in lines],
+            engine=engine,
             on_finish=lambda _i: advance(),
         )
     _write_atomically(Path(out), [_record(i, p, result) for i, p in enumerate(lines)])
@@ -155,6 +158,7 @@ def _write_atomically(path: Path, records: Sequence[dict[str, Any]]) -> None:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             for r in records:
                 f.write(json.dumps(r, ensure_ascii=False) + "\n")
+        os.chmod(tmp, 0o644)  # mkstemp makes it 0600; the output is an ordinary file
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -331,6 +331,7 @@ class _Job:
     seed: int
     device: torch.device
     engine: EngineConfig
+    ops: str | None
     log: Callable[[str], None]
 
 
@@ -343,7 +344,7 @@ def _bench_model(name: str, ckpt: Checkpoint, job: _Job) -> ModelBench:
     try:
         job.log(f"{name}: loading")
         size, params, bpw = checkpoint_facts(ckpt)
-        model, _ = load(ckpt.root, device=str(job.device))
+        model, _ = load(ckpt.root, device=str(job.device), ops=job.ops)
         engine = Engine(model, job.engine)
         job.log(
             f"{name}: {job.prompt_tokens}-token prompt, {job.gen_tokens} tokens, {job.repeats} repeats, "
@@ -425,6 +426,7 @@ def bench(
     sweep_context: Sequence[int | str] | str | None = None,
     seed: int = 0,
     kv_cache_tokens: int | None = None,
+    ops: str | None = None,
     progress: bool = True,
     json_path: str | Path | None = None,
     markdown_path: str | Path | None = None,
@@ -446,7 +448,7 @@ def bench(
     lengths = sorted(set(context) | set(sweep_context))
     engine = EngineConfig(kv_cache_tokens=kv_cache_tokens, max_num_seqs=max([1, *sizes]), prefix_cache=False)
     log = console.log if console else _quiet
-    job = _Job(prompt_tokens, gen_tokens, lengths, sizes, repeats, warmup, seed, dev, engine, log)
+    job = _Job(prompt_tokens, gen_tokens, lengths, sizes, repeats, warmup, seed, dev, engine, ops, log)
     settings = {
         "prompt_tokens": prompt_tokens,
         "gen_tokens": gen_tokens,
@@ -457,6 +459,7 @@ def bench(
         "warmup": warmup,
         "seed": seed,
         "kv_cache_tokens": kv_cache_tokens or "default",
+        "ops": ops or "default",
         "prompt": "seeded random ordinary-token ids",
         "sampling": "greedy, no stop tokens",
     }

@@ -4,6 +4,10 @@ Field names are Hugging Face's. Both rope layouts are accepted: the published ch
 `rope_scaling` + `rope_theta`, and transformers 5's `rope_parameters` (which folds `rope_theta` in).
 `to_dict` always writes the published layout because mlx-lm ignores `rope_parameters`
 (shared spec formats.md §7, offline.md "pitfall 1").
+
+A config.json must name `model_type: gpt_oss` and every key that fixes a tensor shape (`REQUIRED_KEYS`);
+the other fields are optional with the defaults of transformers' `GptOssConfig`
+(models/gpt_oss/configuration_gpt_oss.py), which equal gpt-oss-20b's.
 """
 
 from __future__ import annotations
@@ -42,16 +46,24 @@ class RopeScaling:
             raise ConfigError(
                 f"config.json: rope_scaling.rope_type {rope_type!r} is not supported (gpt-oss uses 'yarn')"
             )
-        try:
-            return cls(
-                factor=float(d["factor"]),
-                beta_fast=float(d.get("beta_fast") or 32.0),
-                beta_slow=float(d.get("beta_slow") or 1.0),
-                original_max_position_embeddings=int(d["original_max_position_embeddings"]),
-                truncate=bool(d.get("truncate", True)),
-            )
-        except KeyError as e:
-            raise ConfigError(f"config.json: rope_scaling lacks the field {e.args[0]!r}") from None
+        for key in ("factor", "original_max_position_embeddings"):
+            if d.get(key) is None:
+                raise ConfigError(f"config.json: rope_scaling lacks the field {key!r}")
+        numbers = {"beta_fast": 32.0, "beta_slow": 1.0}  # transformers' defaults
+        for key in ("factor", "beta_fast", "beta_slow", "original_max_position_embeddings"):
+            value = d.get(key)
+            if value is None:
+                continue
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise ConfigError(f"config.json: rope_scaling.{key} must be a number, got {value!r}")
+            numbers[key] = value
+        return cls(
+            factor=float(numbers["factor"]),
+            beta_fast=float(numbers["beta_fast"]),
+            beta_slow=float(numbers["beta_slow"]),
+            original_max_position_embeddings=int(numbers["original_max_position_embeddings"]),
+            truncate=bool(d.get("truncate", True)),
+        )
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -59,7 +71,8 @@ class RopeScaling:
 
 @dataclass(frozen=True)
 class ModelConfig:
-    """Shapes and constants of one gpt-oss model. Defaults are gpt-oss-20b's."""
+    """Shapes and constants of one gpt-oss model. Defaults are gpt-oss-20b's, for presets and tests; a
+    config.json must state the shapes itself (`from_dict`)."""
 
     vocab_size: int = 201088
     hidden_size: int = 2880
@@ -147,31 +160,24 @@ class ModelConfig:
     # ---- (de)serialisation ----------------------------------------------------------------------
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> ModelConfig:
-        archs = d.get("architectures") or [ARCHITECTURE]
-        if d.get("model_type", MODEL_TYPE) != MODEL_TYPE or ARCHITECTURE not in archs:
+        """A config.json's fields. The keys that fix a tensor shape (`REQUIRED_KEYS`) and `model_type` must
+        be present; every other field takes transformers' `GptOssConfig` default when it is missing, and
+        `layer_types` its derivation (sliding, full, sliding, …). A field of the wrong type is named."""
+        _check_model_type(d)
+        missing = [k for k in REQUIRED_KEYS if k not in d and ALIASES.get(k) not in d]
+        if missing:
             raise ConfigError(
-                f"config.json: architecture {archs} / model_type {d.get('model_type')!r} is not gpt-oss "
-                f"(expected {ARCHITECTURE!r} / {MODEL_TYPE!r})"
+                f"config.json: missing required key{'s' if len(missing) > 1 else ''} {', '.join(missing)} "
+                "(a gpt-oss config.json states every shape; ossq guesses none)"
             )
         kwargs: dict[str, Any] = {}
         for f in dataclasses.fields(cls):
-            if f.name in d and f.name not in ("rope_scaling", "rope_theta", "layer_types", "eos_token_id"):
-                kwargs[f.name] = d[f.name]
-        if "layer_types" in d:
-            kwargs["layer_types"] = tuple(d["layer_types"])
-        if "eos_token_id" in d:
-            eos = d["eos_token_id"]
-            kwargs["eos_token_id"] = tuple(eos) if isinstance(eos, list) else (int(eos),)
-        rope = d.get("rope_parameters") or d.get("rope_scaling")
-        theta = d.get("rope_theta", (d.get("rope_parameters") or {}).get("rope_theta"))
-        if theta is not None:
-            kwargs["rope_theta"] = float(theta)
-        if rope is not None and rope.get("rope_type", rope.get("type")) not in (None, "default"):
-            kwargs["rope_scaling"] = RopeScaling.from_dict(rope)
-        elif rope is not None or "rope_scaling" in d:
-            kwargs["rope_scaling"] = None
-        if isinstance(kwargs.get("head_dim"), type(None)):
-            kwargs.pop("head_dim")
+            key = f.name if f.name in d else ALIASES.get(f.name)
+            if key in d and f.name not in SPECIAL_KEYS:
+                kwargs[f.name] = _float(f.name, d[key]) if f.name in FLOAT_KEYS else d[key]
+        kwargs.update(_derived(d))
+        kwargs.update(_token_ids(d))
+        kwargs.update(_rope(d))
         try:
             return cls(**kwargs)
         except TypeError as e:
@@ -204,6 +210,97 @@ class ModelConfig:
             use_cache=True,
         )
         return dict(sorted(d.items()))
+
+
+# Keys that fix a tensor shape: without them the weights would be read under a guessed shape (transformers
+# guesses gpt-oss-120b's, ossq used to guess 20b's), so a config.json must state them.
+REQUIRED_KEYS = (
+    "vocab_size",
+    "hidden_size",
+    "intermediate_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "head_dim",
+    "num_local_experts",
+)
+ALIASES = {"num_local_experts": "num_experts", "num_experts_per_tok": "experts_per_token"}  # transformers' names
+SPECIAL_KEYS = ("rope_scaling", "rope_theta", "layer_types", "eos_token_id", "pad_token_id", "bos_token_id")
+FLOAT_KEYS = ("rms_norm_eps", "swiglu_limit", "swiglu_alpha")
+
+
+def _check_model_type(d: dict[str, Any]) -> None:
+    archs = d.get("architectures") or [ARCHITECTURE]
+    model_type = d.get("model_type")
+    if model_type is None:
+        raise ConfigError(
+            f'config.json: missing required key model_type (a gpt-oss config has "model_type": "{MODEL_TYPE}")'
+        )
+    if model_type != MODEL_TYPE or not isinstance(archs, list) or ARCHITECTURE not in archs:
+        raise ConfigError(
+            f"config.json: architecture {archs} / model_type {model_type!r} is not gpt-oss "
+            f"(expected {ARCHITECTURE!r} / {MODEL_TYPE!r})"
+        )
+
+
+def _float(name: str, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ConfigError(f"config.json: {name} must be a number, got {value!r}")
+    return float(value)
+
+
+def _derived(d: dict[str, Any]) -> dict[str, Any]:
+    """head_dim and num_key_value_heads given as null, and layer_types, as transformers derives them."""
+    out: dict[str, Any] = {}
+    heads, hidden = d.get("num_attention_heads"), d.get("hidden_size")
+    if d.get("head_dim", 0) is None and _is_positive_int(heads) and _is_positive_int(hidden):
+        out["head_dim"] = hidden // heads
+    if d.get("num_key_value_heads", 0) is None:
+        out["num_key_value_heads"] = heads
+    if d.get("layer_types") is not None:
+        kinds = d["layer_types"]
+        if not isinstance(kinds, list) or not all(isinstance(k, str) for k in kinds):
+            raise ConfigError(f"config.json: layer_types must be a list of {SLIDING!r}/{FULL!r}, got {kinds!r}")
+        out["layer_types"] = tuple(kinds)
+    return out
+
+
+def _is_positive_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value > 0
+
+
+def _token_ids(d: dict[str, Any]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    if "eos_token_id" in d:
+        eos = d["eos_token_id"]
+        ids = eos if isinstance(eos, list) else [] if eos is None else [eos]
+        if not all(isinstance(i, int) and not isinstance(i, bool) for i in ids):
+            raise ConfigError(f"config.json: eos_token_id must be a token id or a list of them, got {eos!r}")
+        out["eos_token_id"] = tuple(ids)
+    for key in ("pad_token_id", "bos_token_id"):
+        if key in d:
+            value = d[key]
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool)):
+                raise ConfigError(f"config.json: {key} must be a token id or null, got {value!r}")
+            out[key] = value
+    return out
+
+
+def _rope(d: dict[str, Any]) -> dict[str, Any]:
+    """rope_theta and rope_scaling from either layout (module docstring); missing = transformers' yarn."""
+    out: dict[str, Any] = {}
+    for key in ("rope_scaling", "rope_parameters"):
+        if d.get(key) is not None and not isinstance(d[key], dict):
+            raise ConfigError(f"config.json: {key} must be an object or null, got {d[key]!r}")
+    rope = d.get("rope_parameters") or d.get("rope_scaling")
+    theta = d.get("rope_theta", (d.get("rope_parameters") or {}).get("rope_theta"))
+    if theta is not None:
+        out["rope_theta"] = _float("rope_theta", theta)
+    if rope is not None and rope.get("rope_type", rope.get("type")) not in (None, "default"):
+        out["rope_scaling"] = RopeScaling.from_dict(rope)
+    elif rope is not None or "rope_scaling" in d:
+        out["rope_scaling"] = None
+    return out
 
 
 PRESETS: dict[str, ModelConfig] = {
@@ -242,6 +339,8 @@ def read_config_json(path: Path) -> dict[str, Any]:
         d = json.loads(path.read_text())
     except FileNotFoundError:
         raise ConfigError(f"{path.parent}: no config.json; is this a gpt-oss checkpoint directory?") from None
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read it ({e.strerror or type(e).__name__})") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ConfigError(f"{path}: not valid JSON ({e})") from None
     if not isinstance(d, dict):

@@ -16,8 +16,10 @@ model: for gpt-oss-20b and -120b the largest unit is the bf16 embedding (and lm_
 larger than it; benchmarks/convert-results.md has the full-size figure.
 
 Safety: every option, the recipe and the source (headers, shapes, sizes) are checked before anything is
-written; output goes to a hidden directory next to the destination and is renamed into place only when
-complete, so a failure (a truncated shard, a full disk, Ctrl-C) leaves neither destination nor temp dir.
+written; output goes to a hidden directory next to the destination (formats.mlx.staging) and is renamed
+into place only when complete, so a failure (a truncated shard, a full disk, Ctrl-C, or the SIGTERM and
+SIGHUP that the CLI turns into exceptions) leaves neither destination nor temp dir. What only SIGKILL or a
+power cut can leave behind, the next conversion to the same destination finds and removes.
 """
 
 from __future__ import annotations
@@ -26,10 +28,7 @@ import contextlib
 import dataclasses
 import json
 import os
-import resource
-import secrets
 import shutil
-import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -38,6 +37,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from ossq.device import peak_rss_bytes, resolve_device
 from ossq.errors import OssqError, UnsupportedQuantization
 from ossq.formats.hf import Checkpoint
 from ossq.formats.mlx import (
@@ -47,11 +47,14 @@ from ossq.formats.mlx import (
     QuantSpec,
     ShardWriter,
     TensorEntry,
+    check_creatable,
     config_json,
     expected_tensors,
     linear_modules,
     quantization_entries,
+    remove_stale_staging,
     shard_plan,
+    staging,
     write_order,
 )
 from ossq.quant import affine, mxfp4
@@ -87,9 +90,11 @@ class ConvertReport:
 
     def summary(self) -> str:
         verb = "would write" if self.dry_run else "wrote"
-        return (f"{verb} {self.path}: {self.output_bytes / 1e9:.2f} GB in {self.shards} shard(s) from "
-                f"{self.source_bytes / 1e9:.2f} GB, {self.bits_per_weight:.3f} bits per weight, "
-                f"{self.total_parameters:,} parameters, {self.seconds:.1f} s, peak RSS {self.peak_rss_gb:.2f} GB")
+        return (
+            f"{verb} {self.path}: {self.output_bytes / 1e9:.2f} GB in {self.shards} shard(s) from "
+            f"{self.source_bytes / 1e9:.2f} GB, {self.bits_per_weight:.3f} bits per weight, "
+            f"{self.total_parameters:,} parameters, {self.seconds:.1f} s, peak RSS {self.peak_rss_gb:.2f} GB"
+        )
 
 
 @dataclass(frozen=True)
@@ -141,20 +146,32 @@ def convert(
     start = time.perf_counter()
     console = console or Console()
     recipe = _recipe(quantize, dequantize, q_bits, q_group_size, q_mode, quant_predicate, experts, dtype)
+    work_device = resolve_device(device) if device is not None else torch.device("cpu")
     dest = Path(mlx_path).expanduser()
+    if Path(hf_path).expanduser().is_dir():  # a hub id is checked once downloaded
+        _check_destination(dest, Path(hf_path).expanduser())
     if not dry_run and dest.exists() and not force:
-        raise OssqError(f"{dest} already exists; choose another path or pass force=True (--force) to replace it")
+        raise OssqError(f"{dest} already exists; choose another path or pass --force to replace it")
     ckpt = Checkpoint(hf_path)
     try:
-        job = plan_job(ckpt, recipe, quantize=quantize, dequantize=dequantize, experts=experts,
-                       dtype=DTYPES.get(dtype or _config_dtype(ckpt.raw_config) or ""))
-        job = dataclasses.replace(job, device=torch.device(device or "cpu"))
+        _check_destination(dest, ckpt.root)
+        job = plan_job(
+            ckpt,
+            recipe,
+            quantize=quantize,
+            dequantize=dequantize,
+            experts=experts,
+            dtype=DTYPES.get(dtype or _config_dtype(ckpt.raw_config) or ""),
+        )
+        job = dataclasses.replace(job, device=work_device)
         _warn(console, job, ckpt, recipe, experts)
         if dry_run:
             console.print(render_table(job.plan))
             return _report(job, ckpt, dest, start, output_bytes=job.plan.total_bytes, dry_run=True)
-        _check_destination(dest, ckpt.root, job)
-        with _staging(dest, force) as tmp, _progress_bar(console, progress, job) as advance:
+        _check_free_space(dest, job)
+        for stale in remove_stale_staging(dest):
+            console.print(f"note: removed {stale}, a staging directory left by an earlier conversion that was killed")
+        with staging(dest, replace=force) as tmp, _progress_bar(console, progress, job) as advance:
             _write(ckpt, job, tmp, advance)
     finally:
         ckpt.close()
@@ -165,23 +182,33 @@ def convert(
 
 
 # ---- decisions -------------------------------------------------------------------------------------------
-def _recipe(quantize: bool, dequantize: bool, q_bits: int | None, q_group_size: int | None, q_mode: str,
-            quant_predicate: str | None, experts: str, dtype: str | None) -> Recipe | None:
+def _recipe(
+    quantize: bool,
+    dequantize: bool,
+    q_bits: int | None,
+    q_group_size: int | None,
+    q_mode: str,
+    quant_predicate: str | None,
+    experts: str,
+    dtype: str | None,
+) -> Recipe | None:
     """Validate the flags (before anything is read) and resolve the recipe; None without `quantize`."""
     if experts not in EXPERTS:
-        raise OssqError(f"experts must be one of {EXPERTS}, not {experts!r}")
+        raise OssqError(f"--experts must be one of {', '.join(EXPERTS)}, not {experts!r}")
     if dtype is not None and dtype not in DTYPES:
-        raise OssqError(f"dtype must be one of {tuple(DTYPES)}, not {dtype!r}")
+        raise OssqError(f"--dtype must be one of {', '.join(DTYPES)}, not {dtype!r}")
     if quantize and dequantize:
-        raise OssqError("choose either quantize (-q) or dequantize (-d), not both")
+        raise OssqError("choose either -q (quantize) or -d (dequantize), not both")
     if quantize:
         return resolve(quant_predicate, bits=q_bits, group_size=q_group_size, mode=q_mode)
     if q_bits is not None or q_group_size is not None or quant_predicate is not None or q_mode != "affine":
-        raise UnsupportedQuantization("--q-bits, --q-group-size, --q-mode and --quant-predicate apply only "
-                                      "with quantize (-q)")
+        raise UnsupportedQuantization(
+            "--q-bits, --q-group-size, --q-mode and --quant-predicate apply only with -q (quantize)"
+        )
     if experts == "quantize":
-        raise UnsupportedQuantization("experts='quantize' needs quantize (-q); to decode the experts to bf16 "
-                                      "use dequantize (-d)")
+        raise UnsupportedQuantization(
+            "--experts quantize needs -q (quantize); to decode the experts to bf16 use -d (dequantize)"
+        )
     return None
 
 
@@ -193,8 +220,15 @@ def _config_dtype(raw: dict[str, Any]) -> str | None:
     return value if value in DTYPES else None
 
 
-def plan_job(ckpt: Checkpoint, recipe: Recipe | None, *, quantize: bool, dequantize: bool, experts: str,
-             dtype: torch.dtype | None) -> Job:
+def plan_job(
+    ckpt: Checkpoint,
+    recipe: Recipe | None,
+    *,
+    quantize: bool,
+    dequantize: bool,
+    experts: str,
+    dtype: torch.dtype | None,
+) -> Job:
     """Decide every module's output storage as mlx-lm would (formats.md §3.1, §3.2, §3.5) and the dtype
     and shape of every output tensor."""
     source, config = ckpt.specs, ckpt.config
@@ -209,14 +243,17 @@ def plan_job(ckpt: Checkpoint, recipe: Recipe | None, *, quantize: bool, dequant
     p = dataclasses.replace(p, passthrough=passthrough)
     # mlx-lm writes an entry for every module it newly quantizes when the source was already quantized
     # (its config has `quantization`), and for every module a dict-returning predicate (mixed_*) names.
-    kept = quantize and experts == "keep" and any(m.experts and source[m.path] is not None
-                                                  for m in linear_modules(config))
-    explicit = frozenset() if not quantize or not (kept or p.recipe.explicit_entries) else frozenset(
-        path for path, s in p.specs.items() if s is not None and path not in passthrough)
+    kept = (
+        quantize and experts == "keep" and any(m.experts and source[m.path] is not None for m in linear_modules(config))
+    )
+    explicit = (
+        frozenset()
+        if not quantize or not (kept or p.recipe.explicit_entries)
+        else frozenset(path for path, s in p.specs.items() if s is not None and path not in passthrough)
+    )
     quantization = None
     if any(s is not None for s in p.specs.values()):
-        quantization = quantization_entries(p.top, p.specs, explicit=explicit,
-                                            group_size_null=p.recipe.group_size_null)
+        quantization = quantization_entries(p.top, p.specs, explicit=explicit, group_size_null=p.recipe.group_size_null)
     job = Job(p, source, passthrough, dtype, (), quantization)
     job = dataclasses.replace(job, entries=tuple(_entries(ckpt, job)))
     ckpt.close()  # the dtype probes mapped pages of every shard; reading reopens what it needs
@@ -228,13 +265,20 @@ def _quantize_plan(recipe: Recipe, ckpt: Checkpoint, *, keep_experts: bool) -> P
     stored — mlx-lm never re-quantizes a quantized module — and the top level becomes theirs, which is
     what mlx-lm's config says when it starts from the published MXFP4 checkpoint (§3.2)."""
     p = plan(recipe, ckpt.config)
-    kept = {m.path: ckpt.specs[m.path] for m in linear_modules(ckpt.config)
-            if keep_experts and m.experts and ckpt.specs[m.path] is not None}
+    kept = {
+        m.path: ckpt.specs[m.path]
+        for m in linear_modules(ckpt.config)
+        if keep_experts and m.experts and ckpt.specs[m.path] is not None
+    }
     if not kept:
         return p
     top = next(iter(kept.values()))
-    return Plan(dataclasses.replace(recipe, top=top), p.config, {**p.specs, **kept},
-                tuple(path for path in p.skipped if path not in kept))
+    return Plan(
+        dataclasses.replace(recipe, top=top),
+        p.config,
+        {**p.specs, **kept},
+        tuple(path for path in p.skipped if path not in kept),
+    )
 
 
 def _source_top(ckpt: Checkpoint) -> QuantSpec | None:
@@ -298,29 +342,49 @@ def _warn(console: Console, job: Job, ckpt: Checkpoint, recipe: Recipe | None, e
         mods = {m.path: m for m in linear_modules(ckpt.config)}
         widths = sorted({mods[path].in_features for path in p.skipped})
         group = recipe.skip_group if recipe else None
-        console.print(f"[yellow]warning:[/] group size {group} does not divide the rows ({widths} wide) of "
-                      f"{len(p.skipped)} modules, e.g. {p.skipped[0]}; they stay unquantized, as mlx-lm "
-                      "leaves them")
+        console.print(
+            f"[yellow]warning:[/] group size {group} does not divide the rows ({widths} wide) of "
+            f"{len(p.skipped)} modules, e.g. {p.skipped[0]}; they stay unquantized, as mlx-lm "
+            "leaves them"
+        )
     if recipe is not None and experts == "keep":
         wanted = plan(recipe, ckpt.config).specs
-        kept = [m.path for m in linear_modules(ckpt.config)
-                if m.experts and m.path in job.passthrough and wanted[m.path] != job.source[m.path]]
+        kept = [
+            m.path
+            for m in linear_modules(ckpt.config)
+            if m.experts and m.path in job.passthrough and wanted[m.path] != job.source[m.path]
+        ]
         if kept:
-            console.print(f"note: {len(kept)} expert modules stay as the source stores them "
-                          f"({job.source[kept[0]].mode}), as mlx-lm keeps them; pass experts='quantize' "
-                          "(--experts quantize) to quantize them by the recipe")
-    requantized = [m.path for m in linear_modules(ckpt.config) if not m.experts and p.specs[m.path] is not None
-                   and job.source[m.path] is not None and m.path not in job.passthrough]
+            console.print(
+                f"note: {len(kept)} expert modules stay as the source stores them "
+                f"({job.source[kept[0]].mode}), as mlx-lm keeps them; pass --experts quantize "
+                "to quantize them by the recipe"
+            )
+    requantized = [
+        m.path
+        for m in linear_modules(ckpt.config)
+        if not m.experts
+        and p.specs[m.path] is not None
+        and job.source[m.path] is not None
+        and m.path not in job.passthrough
+    ]
     if requantized:
-        console.print(f"[yellow]warning:[/] re-quantizing {len(requantized)} modules the source already stores "
-                      f"quantized (e.g. {requantized[0]}); errors compound — convert from the original "
-                      "checkpoint if you can")
+        console.print(
+            f"[yellow]warning:[/] re-quantizing {len(requantized)} modules the source already stores "
+            f"quantized (e.g. {requantized[0]}); errors compound — convert from the original "
+            "checkpoint if you can"
+        )
 
 
 # ---- writing ---------------------------------------------------------------------------------------------
-def _check_destination(dest: Path, source: Path, job: Job) -> None:
+def _check_destination(dest: Path, source: Path) -> None:
+    """Before anything is read: the destination is not the source (nor inside it) and can be created."""
     if dest.resolve() == source.resolve() or source.resolve() in dest.resolve().parents:
         raise OssqError(f"{dest}: the destination must not be the source checkpoint or lie inside it")
+    check_creatable(dest, "--mlx-path")
+
+
+def _check_free_space(dest: Path, job: Job) -> None:
     anchor = dest.parent
     while not anchor.exists():
         anchor = anchor.parent
@@ -328,37 +392,6 @@ def _check_destination(dest: Path, source: Path, job: Job) -> None:
     free = shutil.disk_usage(anchor).free
     if free < need:
         raise OssqError(f"{anchor}: {free / 1e9:.1f} GB free, the converted checkpoint needs {need / 1e9:.1f} GB")
-
-
-@contextlib.contextmanager
-def _staging(dest: Path, force: bool) -> Iterator[Path]:
-    """A fresh hidden directory next to `dest`, renamed to `dest` when the block completes and removed
-    (with everything in it) when it fails. With `force` an existing `dest` is replaced only then."""
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dest.with_name(f".{dest.name}.{secrets.token_hex(4)}.tmp")
-    tmp.mkdir()
-    try:
-        yield tmp
-        _publish(tmp, dest, force)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
-def _publish(tmp: Path, dest: Path, force: bool) -> None:
-    if not dest.exists():
-        tmp.rename(dest)
-        return
-    if not force:
-        raise OssqError(f"{dest} appeared while converting; the result was discarded")
-    old = tmp.with_name(tmp.name + ".old")
-    dest.rename(old)
-    try:
-        tmp.rename(dest)
-    except BaseException:
-        old.rename(dest)
-        raise
-    shutil.rmtree(old) if old.is_dir() else old.unlink()
 
 
 def _write(ckpt: Checkpoint, job: Job, directory: Path, advance: Advance) -> None:
@@ -396,8 +429,14 @@ def _write_module(ckpt: Checkpoint, mod: LinearInfo, job: Job, writer: ShardWrit
         writer.append(f"{path}.bias", _cast(ckpt.read(f"{path}.bias"), job.dtype))
 
 
-def _dense(ckpt: Checkpoint, path: str, source: QuantSpec | None, expert: int | None,
-           dtype: torch.dtype | None, device: torch.device) -> torch.Tensor:
+def _dense(
+    ckpt: Checkpoint,
+    path: str,
+    source: QuantSpec | None,
+    expert: int | None,
+    dtype: torch.dtype | None,
+    device: torch.device,
+) -> torch.Tensor:
     """The module's weight (or one expert's) as floats: decoded MXFP4 is exact in bf16; decoded affine is
     `scale·q + bias` rounded once to the scales' dtype (mlx-lm's CPU -d rounds twice, formats.md §1.4)."""
     w = ckpt.read(f"{path}.weight", expert).to(device)
@@ -407,8 +446,9 @@ def _dense(ckpt: Checkpoint, path: str, source: QuantSpec | None, expert: int | 
     if source.mode == "mxfp4":
         return mxfp4.decode(w, scales, dtype=dtype or torch.bfloat16)
     biases = ckpt.read(f"{path}.biases", expert).to(device)
-    return affine.dequantize(w, scales, biases, bits=source.bits, group_size=source.group_size,
-                             dtype=dtype or scales.dtype)
+    return affine.dequantize(
+        w, scales, biases, bits=source.bits, group_size=source.group_size, dtype=dtype or scales.dtype
+    )
 
 
 def _encode(w: torch.Tensor, spec: QuantSpec | None) -> dict[str, torch.Tensor]:
@@ -445,33 +485,36 @@ def _progress_bar(console: Console, enabled: bool, job: Job) -> Iterator[Advance
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
     units = sum(1 if isinstance(i, str) else (i.experts or 1) for i in write_order(job.plan.config))
-    bar: Progress = Progress(TextColumn("converting"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-                             console=console, disable=not enabled)
+    bar: Progress = Progress(
+        TextColumn("converting"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeRemainingColumn(),
+        console=console,
+        disable=not enabled,
+    )
     with bar:
         task = bar.add_task("convert", total=units)
         yield lambda: bar.advance(task)
 
 
 # ---- report ----------------------------------------------------------------------------------------------
-def _report(job: Job, ckpt: Checkpoint, dest: Path, start: float, *, output_bytes: int,
-            dry_run: bool = False) -> ConvertReport:
+def _report(
+    job: Job, ckpt: Checkpoint, dest: Path, start: float, *, output_bytes: int, dry_run: bool = False
+) -> ConvertReport:
     shards = {info.shard for info in ckpt.files.tensors.values()}
     return ConvertReport(
-        path=dest, seconds=time.perf_counter() - start, source_bytes=sum(s.stat().st_size for s in shards),
-        output_bytes=output_bytes, total_parameters=job.plan.total_parameters,
-        bits_per_weight=job.plan.bits_per_weight, shards=len(shard_plan(list(job.entries))),
-        peak_rss_gb=peak_rss_bytes() / 1e9, skipped=job.plan.skipped, dry_run=dry_run,
+        path=dest,
+        seconds=time.perf_counter() - start,
+        source_bytes=sum(s.stat().st_size for s in shards),
+        output_bytes=output_bytes,
+        total_parameters=job.plan.total_parameters,
+        bits_per_weight=job.plan.bits_per_weight,
+        shards=len(shard_plan(list(job.entries))),
+        peak_rss_gb=peak_rss_bytes() / 1e9,
+        skipped=job.plan.skipped,
+        dry_run=dry_run,
     )
-
-
-def peak_rss_bytes() -> int:
-    """This process's peak resident set. Linux: VmHWM, because `ru_maxrss` also counts the image of the
-    parent that forked us before `exec` (a large parent inflates it)."""
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
 
 
 def _directory_bytes(path: Path) -> int:

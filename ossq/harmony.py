@@ -103,9 +103,7 @@ class Chat:
         tools: Sequence[dict] | None = None,
     ) -> None:
         if reasoning_effort not in REASONING_EFFORTS:
-            raise OssqError(
-                f"reasoning_effort must be one of {', '.join(REASONING_EFFORTS)}, got {reasoning_effort!r}"
-            )
+            raise OssqError(f"reasoning_effort must be one of {', '.join(REASONING_EFFORTS)}, got {reasoning_effort!r}")
         content = SystemContent.new().with_reasoning_effort(REASONING_EFFORTS[reasoning_effort])
         if system is not None:
             content = content.with_model_identity(system)
@@ -244,9 +242,7 @@ def _reply(messages: list[Message], *, truncated: bool, error: str | None) -> Re
         return "".join(c.text for c in m.content if isinstance(c, TextContent))
 
     calls = [
-        ToolCall(m.recipient.removeprefix(FUNCTIONS), text(m))
-        for m in mine
-        if m.recipient not in (None, "assistant")
+        ToolCall(m.recipient.removeprefix(FUNCTIONS), text(m)) for m in mine if m.recipient not in (None, "assistant")
     ]
     return Reply(
         analysis="".join(text(m) for m in mine if m.channel == "analysis"),

@@ -39,9 +39,10 @@ import torch
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
+from ossq.device import resolve_device
 from ossq.engine.engine import PREFILL_CHUNK_TOKENS, Engine, EngineConfig
 from ossq.engine.kv import BLOCK_TOKENS, blocks_for
-from ossq.engine.load import default_device, load_model
+from ossq.engine.load import load_model
 from ossq.engine.model import GptOss
 from ossq.errors import OssqError, PromptTooLong
 from ossq.harmony import ENDOFTEXT
@@ -338,7 +339,7 @@ class PplResult:
 
 
 PPL = Metric("perplexity", "perplexity", higher_is_better=False, format="{:.3f}")
-STD_ERROR = Metric("std_error", "± std error", higher_is_better=False, format="{:.3f}")
+STD_ERROR = Metric("std_error", "± std error", higher_is_better=False, format="{:.3f}", error_of="perplexity")
 KL_MEAN = Metric("kl_mean", "mean KL", "nats", higher_is_better=False, format="{:.5f}")
 KL_P99 = Metric("kl_p99", "p99 KL", "nats", higher_is_better=False, format="{:.5f}")
 TOP1 = Metric("top1_agreement", "top-1 agreement", higher_is_better=True, format="{:.2%}")
@@ -399,6 +400,7 @@ def perplexity(
     reference: str | None = None,
     kl_reference: str | None = None,
     device: str | None = None,
+    ops: str | None = None,
     progress: bool = True,
     json_path: str | Path | None = None,
     markdown_path: str | Path | None = None,
@@ -415,11 +417,11 @@ def perplexity(
     stride = stride or window
     windows(2, window, stride)  # validates window and stride before any work
     tokens = read_tokens(data, max_tokens=max_tokens, eos_between_docs=eos_between_docs, doc_separator=doc_separator)
-    dev = torch.device(device) if device else default_device()
-    ref_model = load_model(kl_reference, device=dev)[0] if kl_reference else None
+    dev = resolve_device(device)
+    ref_model = load_model(kl_reference, device=dev, ops=ops)[0] if kl_reference else None
     with _progress_bar(progress) as bar:
         results = tuple(
-            _run_one(name, tokens, kl_reference, ref_model, window=window, stride=stride, device=dev, bar=bar)
+            _run_one(name, tokens, kl_reference, ref_model, window=window, stride=stride, device=dev, ops=ops, bar=bar)
             for name in models
         )
     if all(r.error for r in results):
@@ -455,12 +457,15 @@ def _run_one(
     window: int,
     stride: int,
     device: torch.device,
+    ops: str | None,
     bar: Progress,
 ) -> PplResult:
     """One model's row; a failure to load or run it (including running out of memory) becomes its error."""
     task = bar.add_task(name, total=len(tokens) - 1)
     try:
-        model = ref_model if ref_name is not None and _same(name, ref_name) else load_model(name, device=device)[0]
+        model = (
+            ref_model if ref_name is not None and _same(name, ref_name) else load_model(name, device=device, ops=ops)[0]
+        )
         scores = evaluate(
             model, tokens, window=window, stride=stride, reference=ref_model, on_scored=lambda n: bar.advance(task, n)
         )

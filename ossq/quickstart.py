@@ -31,26 +31,44 @@ def quickstart(*, cache_dir: Path | None = None, interactive_chat: bool = False)
     if not source.exists():
         with console.status("synthesizing a tiny gpt-oss checkpoint"):
             synthesize(source, config="tiny", seed=0)
-    console.rule(f"1. chat: {source} (random weights: the text is noise, the pipeline is what is checked)")
+    _title(
+        console,
+        "1. chat with the tiny model",
+        f"{source}; random weights: the text is noise, the pipeline is what is checked",
+    )
     _ask(source, console)
     if not quantized.exists():
-        console.rule("2. convert to MLX format, 4-bit group 64, experts included")
+        _title(console, "2. convert to MLX format", "4-bit, group 64, experts included")
         convert(source, quantized, quantize=True, q_bits=4, q_group_size=64, experts="quantize", console=console)
-    console.rule(f"3. chat: {quantized}")
+    _title(console, "3. chat with the 4-bit model", str(quantized))
     model, tokenizer, chat = _ask(quantized, console)
-    console.rule("4. bench: speed side by side")
+    _title(console, "4. bench: speed side by side")
     bench([str(source), str(quantized)], prompt_tokens=32, gen_tokens=16, repeats=2, warmup=1, device="cpu")
-    console.rule("5. perplexity and KL of the 4-bit model against the original")
+    _title(console, "5. perplexity", "and KL of the 4-bit model against the original")
     text = root / "sample-text.txt"  # English prose every Python carries: a few standard modules' docs
     text.write_text("\n\n".join(m.__doc__ or "" for m in (argparse, json, textwrap)))
-    result = perplexity([str(source), str(quantized)], data=str(text), window=64, max_tokens=4096,
-                        kl_reference=str(source), reference=str(source), device="cpu", progress=False)
+    result = perplexity(
+        [str(source), str(quantized)],
+        data=str(text),
+        window=64,
+        max_tokens=4096,
+        kl_reference=str(source),
+        reference=str(source),
+        device="cpu",
+        progress=False,
+    )
     print_report(result.report, console=console)
     if interactive_chat:
         from ossq.chat import interactive
 
-        interactive(model, tokenizer, chat, console=console, sampling=SamplingParams(temperature=0.8),
-                    max_tokens=128)
+        interactive(model, tokenizer, chat, console=console, sampling=SamplingParams(temperature=0.8), max_tokens=128)
+
+
+def _title(console: Console, title: str, detail: str | None = None) -> None:
+    """A short rule (a long one is cut off with an ellipsis on a narrow terminal), the detail below it."""
+    console.rule(title)
+    if detail:
+        console.print(detail, style="dim", markup=False)
 
 
 def _ask(path: Path, console: Console):

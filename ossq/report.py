@@ -5,18 +5,25 @@ The model is deliberately generic, so any measuring command can reuse it:
 
 - a `Metric` says what a number is (`key` in the rows, `label`, `unit`, direction, display `format`);
 - a row is a flat dict: `"model"` (its display name), optionally `"error"` (a string: the model failed
-  and is shown but never wins), one float (or None = not measured) per metric key, and anything else
-  the command wants to keep in the JSON (paths, sizes, min/max ranges …);
+  and is shown but never wins), one float (or None = not measured) per metric key, optionally
+  `"range": {key: [min, max]}` (the spread of repeated measurements, shown beside the value and as
+  whiskers on the bars), and anything else the command wants to keep in the JSON (paths, sizes …);
+- a metric that is another's error bar (`Metric.error_of`, or by convention a label starting with "±":
+  the error bar of the metric before it) gets no winner and draws whiskers on that metric's bars;
 - `comparison(rows, metrics, reference=None)` → one `Comparison` per metric (see its docstring);
 - a `Report` bundles kind, title, `system_info()`, the run's settings, metrics, rows, an optional
-  reference model and optional line `Series` (e.g. decode tok/s vs context length);
+  reference model (changes in % are relative to it), an optional baseline (a KL reference: the model
+  the others are measured against; by default a ppl report's `settings["kl_reference"]`) and optional
+  line `Series` (e.g. decode tok/s vs context length). The reference and the baseline are yardsticks:
+  shown, marked "ref", never winners;
 - renderers: `tables()` / `print_report()` (rich), `to_dict()` / `to_json()`, `to_markdown()`,
   `plot_bars()` and `plot_lines()` (matplotlib, the `plot` extra, imported lazily by `pyplot()`).
 
 JSON schema (`SCHEMA`; bump the number when a key changes meaning or disappears):
-`{"schema", "kind", "title", "system", "settings", "reference", "metrics": [{key, label, unit,
-higher_is_better}], "rows": [row…], "comparison": [Comparison.to_dict()…], "series": [{name, x_label,
-y_label, lines: {model: [[x, y]…]}}]}`.
+`{"schema", "kind", "title", "system", "settings", "reference", "baseline", "metrics": [{key, label,
+unit, higher_is_better[, error_of]}], "rows": [row…], "comparison": [Comparison.to_dict()…], "series":
+[{name, x_label, y_label, lines: {model: [[x, y]…]}}]}` ("baseline" and "error_of" are additions: old
+readers ignore them).
 """
 
 from __future__ import annotations
@@ -29,7 +36,7 @@ import os
 import platform
 import shutil
 import subprocess
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -55,24 +62,32 @@ class Metric:
     unit: str = ""
     higher_is_better: bool = True
     format: str = "{:.2f}"
+    error_of: str | None = None  # the key of the metric this one is the error bar (± std error) of
 
     def fmt(self, value: float | None) -> str:
         return "—" if value is None else self.format.format(value)
+
+    @property
+    def is_error_bar(self) -> bool:
+        """An uncertainty, not a figure of merit: it never has a winner."""
+        return self.error_of is not None or self.label.startswith("±")
 
     @property
     def heading(self) -> str:
         return f"{self.label} ({self.unit})" if self.unit else self.label
 
     def to_dict(self) -> dict[str, Any]:
-        return {"key": self.key, "label": self.label, "unit": self.unit, "higher_is_better": self.higher_is_better}
+        d = {"key": self.key, "label": self.label, "unit": self.unit, "higher_is_better": self.higher_is_better}
+        return {**d, "error_of": self.error_of} if self.error_of else d
 
 
 @dataclass(frozen=True)
 class Comparison:
-    """The verdict on one metric across the rows that carry a value and no error.
+    """The verdict on one metric across the rows that carry a value and no error, the reference and any
+    baseline excepted (they are yardsticks, not candidates); an error-bar metric has no verdict.
 
-    `winners`: every model whose value equals the best one (more than one = a tie); empty when no row
-    has a value. `runner_up`: the best model strictly behind the winners (None when there is none).
+    `winners`: every model whose value equals the best one (more than one = a tie); empty when fewer
+    than two candidates have a value. `runner_up`: the best model strictly behind the winners (None when there is none).
     `change_pct`: the winners' value relative to the runner-up's, 100·(w − r)/|r|, signed as measured:
     positive for a faster tok/s, negative for a smaller time or memory — in both cases the winner's
     advantage. `changes_pct` (only with a reference): every model's 100·(v − ref)/|ref|."""
@@ -123,30 +138,57 @@ def _valid(rows: Sequence[Mapping[str, Any]], key: str) -> list[tuple[str, float
     return out
 
 
-def compare_metric(rows: Sequence[Mapping[str, Any]], metric: Metric, reference: str | None = None) -> Comparison:
-    """The `Comparison` of one metric (see its docstring). Rows with an `error` never win."""
+def compare_metric(
+    rows: Sequence[Mapping[str, Any]],
+    metric: Metric,
+    reference: str | None = None,
+    *,
+    exclude: Collection[str] = (),
+) -> Comparison:
+    """The `Comparison` of one metric (see its docstring). Rows with an `error`, the `reference` and the
+    models in `exclude` (a baseline) never win; an error-bar metric has no winner at all."""
     values = _valid(rows, metric.key)
+    candidates = [] if metric.is_error_bar else [(m, v) for m, v in values if m != reference and m not in exclude]
     sign = 1.0 if metric.higher_is_better else -1.0
-    ordered = sorted(values, key=lambda mv: -sign * mv[1])  # best first; stable, so row order breaks nothing
-    if not ordered:
-        return Comparison(metric, (), None, None, None, None, reference)
+    ordered = sorted(candidates, key=lambda mv: -sign * mv[1])  # best first; stable: row order breaks nothing
+    if len(ordered) < 2:  # nothing to beat: a lone candidate is compared with the reference, if anything
+        return Comparison(metric, (), None, None, None, None, reference, _changes(values, reference, metric))
     best = ordered[0][1]
     tied = [m for m, v in ordered if math.isclose(v, best, rel_tol=TIE_REL_TOL)]
     rest = [(m, v) for m, v in ordered if m not in tied]
     runner, runner_value = rest[0] if rest else (None, None)
     change = None if runner_value is None else _percent(best, runner_value)
-    changes: dict[str, float] = {}
-    ref_value = dict(values).get(reference) if reference is not None else None
-    if ref_value is not None:
-        changes = {m: p for m, v in values if (p := _percent(v, ref_value)) is not None}
+    changes = _changes(values, reference, metric)
     return Comparison(metric, tuple(tied), best, runner, runner_value, change, reference, changes)
 
 
+def _changes(values: list[tuple[str, float]], reference: str | None, metric: Metric) -> dict[str, float]:
+    ref_value = dict(values).get(reference) if reference is not None else None
+    if ref_value is None or metric.is_error_bar:
+        return {}
+    return {m: p for m, v in values if (p := _percent(v, ref_value)) is not None}
+
+
 def comparison(
-    rows: Sequence[Mapping[str, Any]], metrics: Sequence[Metric], reference: str | None = None
+    rows: Sequence[Mapping[str, Any]],
+    metrics: Sequence[Metric],
+    reference: str | None = None,
+    *,
+    exclude: Collection[str] = (),
 ) -> list[Comparison]:
     """One `Comparison` per metric, in the metrics' order."""
-    return [compare_metric(rows, m, reference) for m in metrics]
+    return [compare_metric(rows, m, reference, exclude=exclude) for m in metrics]
+
+
+def error_bar_of(metrics: Sequence[Metric], metric: Metric) -> Metric | None:
+    """The metric holding `metric`'s error bar: one whose `error_of` names it, or, by convention, a
+    "±"-labelled metric right after it."""
+    for i, m in enumerate(metrics):
+        if m.error_of == metric.key or (
+            m.error_of is None and m.label.startswith("±") and i > 0 and metrics[i - 1].key == metric.key
+        ):
+            return m
+    return None
 
 
 @dataclass(frozen=True)
@@ -167,7 +209,8 @@ class Series:
 class Report:
     """Everything one run measured. `kind` names the command ("bench", "ppl"); `settings` its parameters
     (JSON-able); `rows` one dict per model (module docstring); `reference` a model name for relative
-    changes (None = compare with the runner-up only)."""
+    changes (None = compare with the runner-up only); `baseline` the model the others were measured
+    against, e.g. the KL reference (None = the row of `settings["kl_reference"]`, if any). Neither wins."""
 
     kind: str
     title: str
@@ -177,9 +220,26 @@ class Report:
     rows: tuple[Mapping[str, Any], ...]
     reference: str | None = None
     series: tuple[Series, ...] = ()
+    baseline: str | None = None
+
+    @property
+    def yardsticks(self) -> tuple[str, ...]:
+        """The models that are measured against rather than compared: the reference and the baseline
+        (given, or the row whose path or name is `settings["kl_reference"]`)."""
+        names = [self.reference, self.baseline or self._kl_reference_row()]
+        return tuple(dict.fromkeys(n for n in names if n is not None))
+
+    def _kl_reference_row(self) -> str | None:
+        target = self.settings.get("kl_reference")
+        if not target:
+            return None
+        for row in self.rows:
+            if target in (row.get("path"), row.get("model")) or _same_path(str(target), row.get("path")):
+                return str(row["model"])
+        return None
 
     def comparison(self) -> list[Comparison]:
-        return comparison(self.rows, self.metrics, self.reference)
+        return comparison(self.rows, self.metrics, self.reference, exclude=self.yardsticks)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -189,6 +249,7 @@ class Report:
             "system": dict(self.system),
             "settings": dict(self.settings),
             "reference": self.reference,
+            "baseline": self.baseline,
             "metrics": [m.to_dict() for m in self.metrics],
             "rows": [dict(r) for r in self.rows],
             "comparison": [c.to_dict() for c in self.comparison()],
@@ -283,31 +344,103 @@ def system_line(system: Mapping[str, Any]) -> str:
     return f"{where}, torch {system.get('torch')}, ossq {system.get('ossq')}, {system.get('date')}"
 
 
-# ---- terminal -------------------------------------------------------------------------------------------
-def _model_cell(c: Comparison, row: Mapping[str, Any]) -> str:
-    """The value, bold for a winner; with a reference, its change vs the reference too."""
+# ---- cells: what every renderer shows for one (metric, model) -------------------------------------------
+def _same_path(a: str, b: Any) -> bool:
+    if not isinstance(b, str):
+        return False
+    pa, pb = Path(a).expanduser(), Path(b).expanduser()
+    return pa.exists() and pb.exists() and pa.resolve() == pb.resolve()
+
+
+def _range(row: Mapping[str, Any], key: str) -> tuple[float, float] | None:
+    """(min, max) of the repeats behind `row[key]`, when the row keeps them (`row["range"][key]`)."""
+    spread = row.get("range")
+    pair = spread.get(key) if isinstance(spread, Mapping) else None
+    if isinstance(pair, (list, tuple)) and len(pair) == 2 and all(isinstance(v, (int, float)) for v in pair):
+        return float(pair[0]), float(pair[1])
+    return None
+
+
+def _range_text(metric: Metric, row: Mapping[str, Any]) -> str | None:
+    spread = _range(row, metric.key)
+    return None if spread is None else f"{metric.fmt(spread[0])}–{metric.fmt(spread[1])}"
+
+
+def highlighted(c: Comparison, model: str) -> bool:
+    """Whether `model`'s cell of `c` is marked as the best: the table's bold and the plot's colour."""
+    return model in c.winners
+
+
+def _note(c: Comparison, row: Mapping[str, Any], yardsticks: Collection[str]) -> str | None:
+    """ "ref" for a yardstick's value, else its change vs the reference, e.g. "+4.1 %"; None for neither."""
+    model = str(row["model"])
+    if row.get(c.metric.key) is None or c.metric.is_error_bar:
+        return None
+    if model in yardsticks:
+        return "ref"
+    change = c.changes_pct.get(model)
+    return None if change is None else f"{change:+.1f} %"
+
+
+def _value_text(c: Comparison, row: Mapping[str, Any], yardsticks: Collection[str]) -> str:
+    """The value, then in parentheses its change vs the reference or "ref" (one line: Markdown)."""
+    note = _note(c, row, yardsticks)
     text = c.metric.fmt(row.get(c.metric.key))
-    change = c.changes_pct.get(str(row["model"]))
-    if change is not None and row["model"] != c.reference:
-        text += f" ({change:+.1f} %)"
-    return f"[bold green]{text}[/bold green]" if row["model"] in c.winners else text
+    return text if note is None else f"{text} ({note})"
+
+
+# ---- terminal -------------------------------------------------------------------------------------------
+def _model_cell(c: Comparison, row: Mapping[str, Any], yardsticks: Collection[str] = ()) -> str:
+    """Lines of one cell: the value (bold green for a winner), then its change or "ref", then the min–max
+    of the repeats; each line is one unbreakable number (`tables` sizes the columns to fit them)."""
+    text = _escape(c.metric.fmt(row.get(c.metric.key)))
+    if highlighted(c, str(row["model"])):
+        text = f"[bold green]{text}[/bold green]"
+    lines = [text]
+    note = _note(c, row, yardsticks)
+    if note is not None:
+        lines.append(f"({note})" if note != "ref" else "[blue](ref)[/blue]")
+    spread = _range_text(c.metric, row)
+    if spread is not None:
+        lines.append(f"[dim]{spread}[/dim]")
+    return "\n".join(lines)
+
+
+def _plain_width(cells: Sequence[str]) -> int:
+    from rich.text import Text
+
+    return max((len(line) for cell in cells for line in Text.from_markup(cell).plain.split("\n")), default=1)
+
+
+def _escape(text: str) -> str:
+    from rich.markup import escape
+
+    return escape(text)
 
 
 def tables(report: Report) -> list[Table]:
     """rich Tables: one row per metric with a column per model, the winner and its margin over the
     runner-up (models side by side stay readable in 80 columns for up to ~4 models, however many
-    metrics); then the models that failed, and one table per series (models × x)."""
+    metrics); then the models that failed, and one table per series (models × x). Numbers never wrap:
+    a value and its min–max range are separate lines of a cell."""
     from rich.table import Table
 
     ok = [r for r in report.rows if not r.get("error")]
+    yardsticks = report.yardsticks
+    comparisons = report.comparison()
+    cells = [[_model_cell(c, r, yardsticks) for c in comparisons] for r in ok]  # per model column
+    margins = ["" if c.metric.is_error_bar else c.change_text for c in comparisons]
     table = Table(title=f"{report.title} — {system_line(report.system)}")
-    table.add_column("metric")
-    for row in ok:
-        table.add_column(str(row["model"]), justify="right")
-    table.add_column("winner")
-    table.add_column("vs runner-up", justify="right")
-    for c in report.comparison():
-        table.add_row(c.metric.heading, *(_model_cell(c, r) for r in ok), c.winner_text, c.change_text)
+    table.add_column("metric", min_width=8)
+    for row, column in zip(ok, cells, strict=True):  # a narrow terminal folds the header, never a number
+        table.add_column(str(row["model"]), justify="right", min_width=_plain_width(column), overflow="fold")
+    table.add_column("winner", min_width=6, overflow="fold")
+    table.add_column("vs runner-up", justify="right", min_width=_plain_width(margins))
+    for i, c in enumerate(comparisons):
+        winner = "" if c.metric.is_error_bar else c.winner_text
+        table.add_row(c.metric.heading, *(column[i] for column in cells), winner, margins[i])
+    if yardsticks:
+        table.caption = f"ref: {', '.join(yardsticks)} (measured against, never a winner)"
     out = [table]
     failed = [r for r in report.rows if r.get("error")]
     if failed:
@@ -315,7 +448,7 @@ def tables(report: Report) -> list[Table]:
         errors.add_column("model")
         errors.add_column("error", style="red")
         for row in failed:
-            errors.add_row(str(row["model"]), str(row["error"]))
+            errors.add_row(str(row["model"]), _escape(str(row["error"])))
         out.append(errors)
     out.extend(_series_table(s) for s in report.series)
     return out
@@ -332,7 +465,7 @@ def _series_table(series: Series) -> Table:
     table = Table(title=f"{series.y_label} vs {series.x_label}")
     table.add_column("model")
     for x in xs:
-        table.add_column(_num(x), justify="right")
+        table.add_column(_num(x), justify="right", no_wrap=True)
     for model, pts in series.lines.items():
         ys = dict(pts)
         table.add_row(model, *(f"{ys[x]:.1f}" if x in ys else "—" for x in xs))
@@ -361,17 +494,32 @@ def to_json(report: Report, path: str | Path) -> Path:
 
 
 def _md_row(cells: Sequence[str]) -> str:
-    return "| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |"
+    return "| " + " | ".join(c.replace("|", "\\|").replace("\n", " ") for c in cells) + " |"
 
 
 def _md_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
     return [_md_row(header), _md_row(["---"] * len(header)), *(_md_row(r) for r in rows)]
 
 
+def setting_text(value: Any) -> str:
+    """A setting as a reader writes it: lists joined with commas, nothing as "—", yes/no, no Python reprs."""
+    if value is None or value == [] or value == () or value == {}:
+        return "—"
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, float):
+        return f"{value:g}"
+    if isinstance(value, (list, tuple, set, frozenset)):
+        return ", ".join(setting_text(v) for v in value)
+    if isinstance(value, Mapping):
+        return "; ".join(f"{k}: {setting_text(v)}" for k, v in value.items())
+    return str(value)
+
+
 def _md_system(report: Report) -> list[str]:
     s = report.system
     gpu = s.get("gpu")
-    lines = [f"- **Device**: {s.get('device') or '—'}"]
+    lines = [f"- **Device**: {s.get('device') or report.settings.get('device') or '—'}"]
     if gpu:
         lines.append(
             f"- **GPU**: {gpu['name']}, {gpu['memory_gb']} GB, driver {gpu.get('driver') or '—'}, "
@@ -383,7 +531,10 @@ def _md_system(report: Report) -> list[str]:
         f"Python {s.get('python')}",
         f"- **Date**: {s.get('date')}",
     ]
-    lines += [f"- **{k}**: {v}" for k, v in report.settings.items()]
+    settings = {k: v for k, v in report.settings.items() if k != "device"}  # the device is listed above
+    if settings:
+        lines += ["", "### Settings", ""]
+        lines += [f"- **{k.replace('_', ' ')}**: {setting_text(v)}" for k, v in settings.items()]
     return lines
 
 
@@ -393,6 +544,8 @@ def _md_comparison(report: Report) -> list[str]:
         header.append(f"vs {report.reference}")
     rows = []
     for c in report.comparison():
+        if c.metric.is_error_bar:
+            continue
         cells = [c.metric.heading, c.winner_text, c.metric.fmt(c.value), c.change_text, c.runner_up or "—"]
         if report.reference:
             cells.append(_changes_text(c))
@@ -400,10 +553,17 @@ def _md_comparison(report: Report) -> list[str]:
     return _md_table(header, rows)
 
 
-def _md_model_cells(report: Report, row: Mapping[str, Any]) -> list[str]:
+def _md_model_cells(report: Report, row: Mapping[str, Any], comparisons: Sequence[Comparison]) -> list[str]:
     if row.get("error"):
         return [str(row["model"]), f"error: {row['error']}", *[""] * (len(report.metrics) - 1)]
-    return [str(row["model"]), *(m.fmt(row.get(m.key)) for m in report.metrics)]
+    cells = [str(row["model"])]
+    for c in comparisons:
+        text = _value_text(c, row, report.yardsticks)
+        if highlighted(c, str(row["model"])):
+            text = f"**{text}**"
+        spread = _range_text(c.metric, row)
+        cells.append(text if spread is None else f"{text} ({spread})")
+    return cells
 
 
 def _md_series(series: Series) -> list[str]:
@@ -416,10 +576,14 @@ def _md_series(series: Series) -> list[str]:
 
 
 def markdown(report: Report) -> str:
-    """The report as Markdown a user can paste into a model card."""
-    per_model = [_md_model_cells(report, r) for r in report.rows]
+    """The report as Markdown a user can paste into a model card: the machine, the settings, a table of
+    every model (best values in bold, min–max of the repeats in parentheses), the winners, the series."""
+    comparisons = report.comparison()
+    per_model = [_md_model_cells(report, r, comparisons) for r in report.rows]
     lines = [f"## {report.title}", "", "### System", "", *_md_system(report), "", "### Results", ""]
     lines += _md_table(["model", *(m.heading for m in report.metrics)], per_model)
+    if report.yardsticks:
+        lines += ["", f"ref: {', '.join(report.yardsticks)} (measured against, never a winner)"]
     lines += ["", "### Comparison", "", *_md_comparison(report), ""]
     for s in report.series:
         lines += _md_series(s)
@@ -434,6 +598,9 @@ def to_markdown(report: Report, path: str | Path) -> Path:
 
 
 # ---- plots ----------------------------------------------------------------------------------------------
+PLOT_SUFFIXES = (".png", ".pdf", ".svg", ".jpg", ".jpeg", ".webp", ".eps", ".ps", ".tif", ".tiff")
+
+
 def pyplot():
     """matplotlib.pyplot on the Agg backend (files only, no display needed); OssqError naming the `plot`
     extra when matplotlib is not installed."""
@@ -448,23 +615,57 @@ def pyplot():
 
 
 def plot_bars(report: Report, metrics: Sequence[Metric] | None = None, path: str | Path = "report.png") -> Path:
-    """One bar subplot per metric (default: all the report's), one bar per model without an error; the
-    winner's bar is highlighted. Written as PNG (or whatever `path`'s suffix names)."""
+    """One bar subplot per metric (default: all the report's but error bars), one bar per model without
+    an error. The bars the table marks best are green (`highlighted`), a yardstick's are blue and
+    labelled "(ref)", the others grey; whiskers show the min–max of the repeats, or ± the metric's error
+    bar (`error_bar_of`). Written as PNG (or whatever `path`'s suffix names, see PLOT_SUFFIXES)."""
     plt = pyplot()
-    metrics = list(metrics or report.metrics)
+    metrics = list(metrics or [m for m in report.metrics if not m.is_error_bar])
     cols = min(3, len(metrics)) or 1
     nrows = math.ceil(len(metrics) / cols) or 1
     fig, axes = plt.subplots(nrows, cols, figsize=(4.5 * cols, 3.4 * nrows), squeeze=False)
-    for ax, c in zip(axes.flat, comparison(report.rows, metrics, report.reference), strict=False):
-        values = _valid(report.rows, c.metric.key)
-        colors = ["tab:green" if m in c.winners else "tab:gray" for m, _ in values]
-        ax.bar([m for m, _ in values], [v for _, v in values], color=colors)
-        ax.set_title(c.metric.heading + ("" if c.metric.higher_is_better else " (lower is better)"), fontsize=9)
-        ax.tick_params(axis="x", labelrotation=20, labelsize=7)
+    by_metric = {c.metric.key: c for c in report.comparison()}
+    for ax, metric in zip(axes.flat, metrics, strict=False):
+        c = by_metric.get(metric.key) or compare_metric(
+            report.rows, metric, report.reference, exclude=report.yardsticks
+        )
+        _bar_panel(ax, report, c)
     for ax in list(axes.flat)[len(metrics) :]:
         ax.axis("off")
     fig.suptitle(f"{report.title}\n{system_line(report.system)}", fontsize=9)
     return _save(fig, plt, path)
+
+
+def _bar_panel(ax, report: Report, c: Comparison) -> None:
+    rows = {str(r["model"]): r for r in report.rows if not r.get("error")}
+    values = _valid(report.rows, c.metric.key)
+    yardsticks = report.yardsticks
+    colors = ["tab:green" if highlighted(c, m) else "tab:blue" if m in yardsticks else "tab:gray" for m, _ in values]
+    labels = [f"{m} (ref)" if m in yardsticks else m for m, _ in values]
+    low, high = _whiskers(report, c.metric, [(rows[m], v) for m, v in values])
+    yerr = [low, high] if any(low) or any(high) else None
+    ax.bar(labels, [v for _, v in values], color=colors, yerr=yerr, capsize=3, ecolor="black")
+    ax.set_title(c.metric.heading + ("" if c.metric.higher_is_better else " (lower is better)"), fontsize=9)
+    ax.tick_params(axis="x", labelrotation=20, labelsize=7)
+
+
+def _whiskers(report: Report, metric: Metric, rows: list[tuple[Mapping[str, Any], float]]):
+    """Distances below and above each bar: to the repeats' min and max, else ± the error bar."""
+    error = error_bar_of(report.metrics, metric)
+    low, high = [], []
+    for row, value in rows:
+        spread = _range(row, metric.key)
+        e = row.get(error.key) if error is not None else None
+        if spread is not None:
+            low.append(max(value - spread[0], 0.0))
+            high.append(max(spread[1] - value, 0.0))
+        elif isinstance(e, (int, float)) and math.isfinite(e):
+            low.append(abs(e))
+            high.append(abs(e))
+        else:
+            low.append(0.0)
+            high.append(0.0)
+    return low, high
 
 
 def plot_lines(
@@ -509,8 +710,14 @@ def model_names(models: Sequence[str]) -> list[str]:
     return [n if names.count(n) == 1 else f"{n}#{names[: i + 1].count(n)}" for i, n in enumerate(names)]
 
 
-def write_files(report: Report, *, json_path: str | Path | None = None, markdown_path: str | Path | None = None,
-                plot_path: str | Path | None = None, plot_metrics: Sequence[Metric] | None = None) -> list[Path]:
+def write_files(
+    report: Report,
+    *,
+    json_path: str | Path | None = None,
+    markdown_path: str | Path | None = None,
+    plot_path: str | Path | None = None,
+    plot_metrics: Sequence[Metric] | None = None,
+) -> list[Path]:
     """The files asked for: JSON, Markdown, and bars of `plot_metrics` (default all) at `plot_path`, plus
     `<stem>-<series name><suffix>` per series (e.g. decode tok/s against context length)."""
     written = []

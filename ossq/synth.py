@@ -5,15 +5,13 @@ ossq writes its own: config.json and generation_config.json as published, zero-b
 with an index, experts as MXFP4 `*_blocks`/`*_scales` + bf16 `*_bias`, everything else bf16, and an
 o200k_harmony tokenizer.json. Weights are random but scaled (≈ 1/√fan-in) so activations stay finite and
 O(1) through every layer; the expert codes and E8M0 scales are drawn directly, which makes full-size
-presets quick to produce. Written to a temp dir and renamed only when complete.
+presets quick to produce. Written to a hidden staging dir and renamed only when complete (formats.mlx.staging).
 """
 
 from __future__ import annotations
 
 import json
 import math
-import shutil
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -21,8 +19,9 @@ import torch
 from safetensors.torch import save_file
 
 from ossq.config import ModelConfig, preset
+from ossq.device import resolve_device
 from ossq.errors import OssqError
-from ossq.formats.mlx import INDEX_FILE, layer_prefix
+from ossq.formats.mlx import INDEX_FILE, check_creatable, layer_prefix, remove_stale_staging, staging
 from ossq.tokenizer import write_tokenizer_files
 
 MAX_SHARD_BYTES = 5 * 10**9
@@ -145,23 +144,21 @@ def synthesize(
     max_shard_bytes: int = MAX_SHARD_BYTES,
     overwrite: bool = False,
 ) -> Path:
-    """Write a random gpt-oss checkpoint in the published layout to `out` and return its path."""
+    """Write a random gpt-oss checkpoint in the published layout to `out` and return its path. Files are
+    world-readable (0644, directory 0755), as a downloaded checkpoint's are."""
     config = preset(config) if isinstance(config, str) else config
-    out = Path(out)
+    draw = _Draw(seed, str(resolve_device(device)))
+    out = Path(out).expanduser()
     if out.exists() and not overwrite:
-        raise OssqError(f"{out} already exists; choose another path or pass overwrite (--force)")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
-        _write_shards(_tensors(config, _Draw(seed, device)), tmp, max_shard_bytes)
+        raise OssqError(f"{out} already exists; choose another path or pass --force to replace it")
+    check_creatable(out, "--out")
+    remove_stale_staging(out)
+    with staging(out, replace=overwrite) as tmp:
+        _write_shards(_tensors(config, draw), tmp, max_shard_bytes)
         (tmp / "config.json").write_text(json.dumps(hf_config_dict(config), indent=2))
         (tmp / "generation_config.json").write_text(json.dumps(generation_config_dict(config), indent=2))
         write_tokenizer_files(tmp)
-        tmp.chmod(0o755)  # mkdtemp makes it private; the published checkpoint is an ordinary directory
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        for f in tmp.iterdir():
+            f.chmod(0o644)  # safetensors writes through a private temp file (0600)
+        tmp.chmod(0o755)
     return out

@@ -182,9 +182,7 @@ def build_hf_tokenizer() -> tokenizers.Tokenizer:
     )
     tok.decoder = decoders.ByteLevel()
     names = {i: name for name, i in reversed(special_tokens().items())}  # first name wins: <|endofprompt|>
-    tok.add_special_tokens(
-        [AddedToken(names[i], special=True, normalized=False) for i in range(N_RANKS, N_VOCAB)]
-    )
+    tok.add_special_tokens([AddedToken(names[i], special=True, normalized=False) for i in range(N_RANKS, N_VOCAB)])
     assert tok.get_vocab_size(with_added_tokens=True) == N_VOCAB
     return tok
 

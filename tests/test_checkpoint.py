@@ -145,12 +145,16 @@ def test_inconsistent_config_field_is_named(copy):
         Checkpoint(copy)
 
 
-def test_hub_id_offline_says_to_pass_a_local_path(monkeypatch):
+def test_hub_id_offline_says_the_directory_does_not_exist_and_why_the_hub_was_not_asked(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    with pytest.raises(CheckpointError, match="pass its local directory"):
+    with pytest.raises(
+        CheckpointError,
+        match="directory openai/gpt-oss-20b-does-not-exist-here does not exist "
+        r"\(HF_HUB_OFFLINE is set",
+    ):
         resolve("openai/gpt-oss-20b-does-not-exist-here")
 
 
 def test_missing_directory_is_named(tmp_path):
-    with pytest.raises(CheckpointError, match="no such directory"):
+    with pytest.raises(CheckpointError, match=f"directory {tmp_path}/nope/deeper does not exist$"):
         resolve(tmp_path / "nope" / "deeper")

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 
-from ossq.config import FULL, PRESETS, SLIDING, ModelConfig, RopeScaling, preset
+from ossq.config import FULL, PRESETS, REQUIRED_KEYS, SLIDING, ModelConfig, RopeScaling, preset
 from ossq.errors import ConfigError
 
 PUBLISHED_20B = {  # the fields of openai/gpt-oss-20b's config.json that ossq reads (formats.md §4.4)
@@ -91,3 +93,67 @@ def test_bad_configs_name_the_field(change, field):
 def test_unknown_preset_lists_the_choices():
     with pytest.raises(ConfigError, match="tiny"):
         preset("7b")
+
+
+# ---- required and optional keys: transformers' GptOssConfig is the oracle for the optional ones -----
+@pytest.mark.parametrize("key", [*REQUIRED_KEYS, "model_type"])
+def test_a_missing_shape_key_or_model_type_is_named_not_guessed(key):
+    d = {k: v for k, v in PUBLISHED_20B.items() if k != key}
+    with pytest.raises(ConfigError, match=rf"missing required key {key}\b"):
+        ModelConfig.from_dict(d)
+
+
+@pytest.mark.parametrize(
+    "key",
+    [
+        "num_experts_per_tok",
+        "sliding_window",
+        "layer_types",
+        "rms_norm_eps",
+        "swiglu_limit",
+        "swiglu_alpha",
+        "max_position_embeddings",
+        "rope_theta",
+        "rope_scaling",
+    ],  # fmt: skip
+)
+def test_a_missing_optional_key_takes_transformers_gpt_oss_default(key):
+    transformers = pytest.importorskip("transformers")
+    d = {k: v for k, v in PUBLISHED_20B.items() if k != key}
+    ours, ref = ModelConfig.from_dict(d), transformers.GptOssConfig(**d)
+    rope = ref.rope_parameters
+    assert ours.rope_theta == rope["rope_theta"] and ours.rope_scaling.factor == rope["factor"]
+    assert ours.rope_scaling.truncate == rope["truncate"]
+    assert ours.rope_scaling.original_max_position_embeddings == rope["original_max_position_embeddings"]
+    assert list(ours.layer_types) == list(ref.layer_types)
+    for field in ("num_experts_per_tok", "sliding_window", "rms_norm_eps", "swiglu_limit", "swiglu_alpha",
+                  "max_position_embeddings"):  # fmt: skip
+        assert getattr(ours, field) == getattr(ref, field), field
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"model_type": "llama"}, "model_type 'llama' is not gpt-oss"),
+        ({"rms_norm_eps": "small"}, "rms_norm_eps must be a number"),
+        ({"layer_types": "sliding_attention"}, "layer_types must be a list"),
+        ({"rope_scaling": "yarn"}, "rope_scaling must be an object"),
+        (
+            {"rope_scaling": {"rope_type": "yarn", "factor": "x", "original_max_position_embeddings": 4096}},
+            "rope_scaling.factor must be a number",
+        ),  # fmt: skip
+        ({"eos_token_id": "200002"}, "eos_token_id must be a token id"),
+        ({"pad_token_id": True}, "pad_token_id must be a token id"),
+        ({"hidden_size": "2880"}, "hidden_size must be a positive integer"),
+    ],
+)
+def test_a_field_of_the_wrong_type_is_named(change, message):
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        ModelConfig.from_dict({**PUBLISHED_20B, **change})
+
+
+def test_null_head_dim_and_kv_heads_are_derived_as_transformers_does():
+    c = ModelConfig.from_dict(
+        {**PUBLISHED_20B, "head_dim": None, "num_attention_heads": 45, "num_key_value_heads": None}
+    )
+    assert (c.head_dim, c.num_key_value_heads) == (2880 // 45, 45)

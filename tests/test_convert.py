@@ -17,6 +17,8 @@ import torch
 from rich.console import Console
 
 from ossq.convert import convert
+from ossq.engine.engine import Engine, EngineConfig, forward_full
+from ossq.engine.kv import BLOCK_TOKENS
 from ossq.engine.load import load_model
 from ossq.engine.ops import dequantize
 from ossq.errors import CheckpointError, OssqError, UnsupportedQuantization
@@ -38,7 +40,7 @@ def leftovers(parent: Path) -> list[str]:
 def logits(path: Path, tokens: torch.Tensor) -> torch.Tensor:
     model, _ = load_model(path, device="cpu", dtype=torch.float32)
     with torch.no_grad():
-        return model(tokens)
+        return forward_full(model, tokens)
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -72,32 +74,30 @@ def test_8bit_output_runs_like_the_source_and_keeps_mxfp4_experts_byte_identical
         gate_up, gate_up_scales = source[f"{p}.gate_up_proj_blocks"], source[f"{p}.gate_up_proj_scales"]
         for name, rows in (("gate_proj", slice(0, None, 2)), ("up_proj", slice(1, None, 2))):  # HF interleave
             assert ours[f"{p}.{name}.weight"].dtype == torch.uint32
-            assert ours[f"{p}.{name}.weight"].view(torch.uint8).flatten().tolist() == \
-                gate_up[:, rows].flatten().tolist()
+            assert (
+                ours[f"{p}.{name}.weight"].view(torch.uint8).flatten().tolist() == gate_up[:, rows].flatten().tolist()
+            )
             assert torch.equal(ours[f"{p}.{name}.scales"], gate_up_scales[:, rows])
-        assert ours[f"{p}.down_proj.weight"].view(torch.uint8).flatten().tolist() == \
-            source[f"{p}.down_proj_blocks"].flatten().tolist()
+        assert (
+            ours[f"{p}.down_proj.weight"].view(torch.uint8).flatten().tolist()
+            == source[f"{p}.down_proj_blocks"].flatten().tolist()
+        )
     source_model, _ = load_model(small_checkpoint, device="cpu", dtype=torch.float32)
     q8_model, _ = load_model(q8, device="cpu", dtype=torch.float32)
     prompt = TOKENS[0, :16].tolist()
     assert greedy(q8_model, prompt, 12) == greedy(source_model, prompt, 12)
     with torch.no_grad():
-        expected, got = source_model(TOKENS)[0], q8_model(TOKENS)[0]
+        expected, got = forward_full(source_model, TOKENS)[0], forward_full(q8_model, TOKENS)[0]
     # 8-bit group-32 noise on attention, embeddings, lm_head and router: ~2 % per position, more where it
     # flips a routing decision
     assert ((got - expected).norm(dim=-1) / expected.norm(dim=-1)).median() < 0.05
 
 
 def greedy(model, prompt: list[int], n: int) -> list[int]:
-    from ossq.engine.generate import Generator
-
-    gen = Generator(model, max_tokens=len(prompt) + n, chunk=8)
-    out, next_logits = [], gen.prefill(prompt)
-    for _ in range(n):
-        token = next_logits.argmax(-1)
-        out.append(int(token))
-        next_logits = gen.step(token)
-    return out
+    """Greedy tokens through the engine, prefilling 8 tokens a step."""
+    engine = Engine(model, EngineConfig(kv_cache_tokens=len(prompt) + n + BLOCK_TOKENS, max_batch_tokens=8))
+    rid = engine.add_request(prompt, max_tokens=n)
+    return [o.token for o in engine.stream(rid) if o.token is not None]
 
 
 def test_metadata_files_are_copied_and_config_replaces_the_hf_quantization(small_checkpoint, tmp_path):
@@ -106,8 +106,13 @@ def test_metadata_files_are_copied_and_config_replaces_the_hf_quantization(small
     (src / "chat_template.jinja").write_text("{{ messages }}")
     report = convert(src, tmp_path / "out", quantize=True, **QUIET)
     out = tmp_path / "out"
-    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
-                 "generation_config.json"):
+    for name in (
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "special_tokens_map.json",
+        "chat_template.jinja",
+        "generation_config.json",
+    ):
         assert (out / name).read_bytes() == (src / name).read_bytes(), name
     config = json.loads((out / "config.json").read_text())
     assert config["quantization"] == config["quantization_config"]
@@ -118,13 +123,28 @@ def test_metadata_files_are_copied_and_config_replaces_the_hf_quantization(small
 
 
 def test_config_json_moves_transformers_rope_parameters_to_the_top_level():
-    rope = {"rope_type": "yarn", "factor": 32.0, "beta_fast": 32.0, "beta_slow": 1.0, "truncate": False,
-            "original_max_position_embeddings": 4096}
-    raw = {"model_type": "gpt_oss", "rope_parameters": {**rope, "rope_theta": 150000.0}, "eos_token_id": 200002,
-           "quantization_config": {"quant_method": "mxfp4"}, "_name_or_path": "x"}
+    rope = {
+        "rope_type": "yarn",
+        "factor": 32.0,
+        "beta_fast": 32.0,
+        "beta_slow": 1.0,
+        "truncate": False,
+        "original_max_position_embeddings": 4096,
+    }
+    raw = {
+        "model_type": "gpt_oss",
+        "rope_parameters": {**rope, "rope_theta": 150000.0},
+        "eos_token_id": 200002,
+        "quantization_config": {"quant_method": "mxfp4"},
+        "_name_or_path": "x",
+    }
     out = config_json(raw, eos_token_id=[200002, 199999], quantization=None)
-    assert out == {"eos_token_id": [200002, 199999], "model_type": "gpt_oss", "rope_scaling": rope,
-                   "rope_theta": 150000.0}
+    assert out == {
+        "eos_token_id": [200002, 199999],
+        "model_type": "gpt_oss",
+        "rope_scaling": rope,
+        "rope_theta": 150000.0,
+    }
 
 
 def test_dtype_casts_floating_tensors_and_leaves_packed_ones(q8, small_checkpoint, tmp_path):
@@ -148,11 +168,15 @@ def test_config_torch_dtype_is_the_default_cast_as_in_mlx_lm(small_checkpoint, t
     assert got["model.layers.0.mlp.experts.down_proj.weight"].dtype == torch.uint32  # MXFP4 kept as stored
 
 
-@pytest.mark.parametrize("kwargs", [
-    {"quantize": True},
-    {"quantize": True, "quant_predicate": "mixed_3_6", "experts": "quantize"},
-    {"quantize": True, "quant_predicate": "tiered", "experts": "quantize"},
-], ids=["q4", "mixed_3_6", "tiered"])
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"quantize": True},
+        {"quantize": True, "quant_predicate": "mixed_3_6", "experts": "quantize"},
+        {"quantize": True, "quant_predicate": "tiered", "experts": "quantize"},
+    ],
+    ids=["q4", "mixed_3_6", "tiered"],
+)
 def test_dry_run_writes_nothing_and_predicts_the_written_bits_per_weight(kwargs, small_checkpoint, tmp_path):
     out = tmp_path / "out"
     console = quiet_console()
@@ -164,8 +188,11 @@ def test_dry_run_writes_nothing_and_predicts_the_written_bits_per_weight(kwargs,
     model, _ = load_model(out, device="cpu", dtype=torch.float32)
     # mlx-lm's definitions (formats.md §3.4): every weight unpacked, biases and norms; not the sinks. The
     # bytes add mlx-lm's in-memory rope frequencies (float32, head_dim/2 per layer).
-    params = sum(dequantize(m).numel() + (m.bias.numel() if m.bias is not None else 0)
-                 for m in model.modules() if hasattr(m, "spec"))
+    params = sum(
+        dequantize(m).numel() + (m.bias.numel() if m.bias is not None else 0)
+        for m in model.modules()
+        if hasattr(m, "spec")
+    )
     params += sum(b.numel() for name, b in model.named_buffers() if name.endswith("norm.weight"))
     c = model.config
     rope = c.num_hidden_layers * c.head_dim // 2 * 4
@@ -193,7 +220,7 @@ def test_group_128_skips_modules_it_does_not_divide_with_a_warning_and_stays_loa
     step = o_proj.scales.float().abs().repeat_interleave(128, -1)
     assert ((dequantize(o_proj) - source["model.layers.0.self_attn.o_proj.weight"].float()).abs() <= step).all()
     with torch.no_grad():
-        assert model(TOKENS).isfinite().all()
+        assert forward_full(model, TOKENS).isfinite().all()
 
 
 def test_dequantize_and_requantize_round_trip(affine8, tmp_path):
@@ -281,17 +308,20 @@ def test_disk_full_midway_leaves_no_output_and_no_temp_dir(small_checkpoint, tmp
     assert leftovers(tmp_path) == ["out"] and leftovers(tmp_path / "out") == ["old.txt"]
 
 
-@pytest.mark.parametrize("kwargs, error, message", [
-    ({"quantize": True, "q_bits": 7}, UnsupportedQuantization, "bits"),
-    ({"quantize": True, "q_group_size": 48}, UnsupportedQuantization, "group_size"),
-    ({"quantize": True, "q_mode": "nvfp4"}, UnsupportedQuantization, "nvfp4"),
-    ({"quantize": True, "quant_predicate": "mixed_9_9"}, UnsupportedQuantization, "unknown recipe"),
-    ({"quantize": True, "dequantize": True}, OssqError, "not both"),
-    ({"q_bits": 4}, UnsupportedQuantization, "only with quantize"),
-    ({"experts": "quantize"}, UnsupportedQuantization, "needs quantize"),
-    ({"experts": "sometimes"}, OssqError, "experts must be"),
-    ({"dtype": "int8"}, OssqError, "dtype must be"),
-])
+@pytest.mark.parametrize(
+    "kwargs, error, message",
+    [
+        ({"quantize": True, "q_bits": 7}, UnsupportedQuantization, "bits"),
+        ({"quantize": True, "q_group_size": 48}, UnsupportedQuantization, "group_size"),
+        ({"quantize": True, "q_mode": "nvfp4"}, UnsupportedQuantization, "nvfp4"),
+        ({"quantize": True, "quant_predicate": "mixed_9_9"}, UnsupportedQuantization, "unknown recipe"),
+        ({"quantize": True, "dequantize": True}, OssqError, "not both"),
+        ({"q_bits": 4}, UnsupportedQuantization, "only with -q"),
+        ({"experts": "quantize"}, UnsupportedQuantization, "needs -q"),
+        ({"experts": "sometimes"}, OssqError, "experts must be"),
+        ({"dtype": "int8"}, OssqError, "dtype must be"),
+    ],
+)
 def test_bad_options_fail_before_anything_is_written(kwargs, error, message, small_checkpoint, tmp_path):
     with pytest.raises(error, match=message):
         convert(small_checkpoint, tmp_path / "out", **kwargs, **QUIET)
@@ -301,10 +331,12 @@ def test_bad_options_fail_before_anything_is_written(kwargs, error, message, sma
 # ---- the streaming writer and the memory bound -----------------------------------------------------------
 def test_shard_writer_streams_slices_into_shards_that_load_back(tmp_path):
     gen = torch.Generator().manual_seed(0)
-    values = {"a.weight": torch.randint(0, 2**31, (3, 5, 4), generator=gen, dtype=torch.int64).to(torch.uint32),
-              "a.scales": torch.randn(3, 5, 2, generator=gen).bfloat16(),
-              "b.weight": torch.randn(7, 6, generator=gen).bfloat16(),
-              "c.scales": torch.randint(0, 255, (3, 8), generator=gen).to(torch.uint8)}
+    values = {
+        "a.weight": torch.randint(0, 2**31, (3, 5, 4), generator=gen, dtype=torch.int64).to(torch.uint32),
+        "a.scales": torch.randn(3, 5, 2, generator=gen).bfloat16(),
+        "b.weight": torch.randn(7, 6, generator=gen).bfloat16(),
+        "c.scales": torch.randint(0, 255, (3, 8), generator=gen).to(torch.uint8),
+    }
     entries = [TensorEntry(k, v.dtype, tuple(v.shape)) for k, v in values.items()]
     writer = ShardWriter(tmp_path, entries, max_shard_bytes=150)
     for e in range(3):  # expert slices of two tensors, interleaved, before and after a whole tensor
@@ -314,12 +346,19 @@ def test_shard_writer_streams_slices_into_shards_that_load_back(tmp_path):
             writer.append("b.weight", values["b.weight"])
         writer.append("c.scales", values["c.scales"][e])
     writer.close()
-    assert writer.files == ["model-00001-of-00003.safetensors", "model-00002-of-00003.safetensors",
-                            "model-00003-of-00003.safetensors"]
+    assert writer.files == [
+        "model-00001-of-00003.safetensors",
+        "model-00002-of-00003.safetensors",
+        "model-00003-of-00003.safetensors",
+    ]
     got = tensors(tmp_path)
     assert got.keys() == values.keys() and all(torch.equal(got[k], values[k]) for k in values)
-    assert writer.index(10)["weight_map"] == {"a.scales": writer.files[1], "a.weight": writer.files[0],
-                                              "b.weight": writer.files[1], "c.scales": writer.files[2]}
+    assert writer.index(10)["weight_map"] == {
+        "a.scales": writer.files[1],
+        "a.weight": writer.files[0],
+        "b.weight": writer.files[1],
+        "c.scales": writer.files[2],
+    }
     mx = pytest.importorskip("mlx.core")
     loaded = {}
     for name in writer.files:
@@ -359,8 +398,12 @@ def test_peak_memory_does_not_grow_with_model_size(tmp_path):
     config = small_config(hidden_size=512, intermediate_size=512, num_local_experts=16, num_hidden_layers=24)
     src = synthesize(tmp_path / "src", config=config, seed=0, max_shard_bytes=60_000_000)
     source_bytes = sum(p.stat().st_size for p in src.glob("*.safetensors"))
-    done = subprocess.run([sys.executable, "-c", MEMORY_SCRIPT, str(src), str(tmp_path / "out")],
-                          capture_output=True, text=True, timeout=300)
+    done = subprocess.run(
+        [sys.executable, "-c", MEMORY_SCRIPT, str(src), str(tmp_path / "out")],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     rss = json.loads(done.stdout.strip().splitlines()[-1])
     growth = rss["peak"] - rss["before"]

@@ -26,6 +26,7 @@ from safetensors import safe_open
 
 from ossq.config import ModelConfig, preset
 from ossq.convert import convert
+from ossq.engine.engine import forward_full
 from ossq.engine.load import load_model
 from ossq.engine.model import yarn_inv_freq
 from ossq.formats.hf import Checkpoint
@@ -48,10 +49,13 @@ FLAGS = {
 }
 CASES = ["bf16", *(f"{source}-{flags}" for source in ("mxfp4", "bf16") for flags in FLAGS)]
 RECIPES = {
-    "q4": {}, "q8g32": {"q_bits": 8, "q_group_size": 32},
+    "q4": {},
+    "q8g32": {"q_bits": 8, "q_group_size": 32},
     **{name: {"quant_predicate": name} for name in ("mixed_2_6", "mixed_3_4", "mixed_3_6", "mixed_4_6")},
-    "tiered": {"quant_predicate": "tiered"}, "mxfp4-experts": {"quant_predicate": "mxfp4-experts"},
-    "experts-quantize": {"experts": "quantize"}, "mode-mxfp4": {"q_mode": "mxfp4", "experts": "quantize"},
+    "tiered": {"quant_predicate": "tiered"},
+    "mxfp4-experts": {"quant_predicate": "mxfp4-experts"},
+    "experts-quantize": {"experts": "quantize"},
+    "mode-mxfp4": {"q_mode": "mxfp4", "experts": "quantize"},
 }
 # Our engine and mlx-lm, both in float32 on the same checkpoint, agree to ~7e-7 (relative L2 of the
 # logits); one flipped low bit in a packed weight moves them by ≥ 1e-4 (test below), so 1e-5 tells them apart.
@@ -92,11 +96,14 @@ def theirs(work) -> Path:
     jobs = [["--hf-path", str(work / "mxfp4"), "--mlx-path", str(out / "bf16"), "-d"]]
     for source in ("mxfp4", "bf16"):
         src = work / "mxfp4" if source == "mxfp4" else out / "bf16"
-        jobs += [["--hf-path", str(src), "--mlx-path", str(out / f"{source}-{name}"), *flags]
-                 for name, (flags, _) in FLAGS.items()]
+        jobs += [
+            ["--hf-path", str(src), "--mlx-path", str(out / f"{source}-{name}"), *flags]
+            for name, (flags, _) in FLAGS.items()
+        ]
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    done = subprocess.run([sys.executable, "-c", MLX_LM_CONVERT, json.dumps(jobs)], env=env, capture_output=True,
-                          text=True, timeout=300)
+    done = subprocess.run(
+        [sys.executable, "-c", MLX_LM_CONVERT, json.dumps(jobs)], env=env, capture_output=True, text=True, timeout=300
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     return out
 
@@ -132,8 +139,10 @@ def read_json(path: Path) -> dict:
 def effective_storage(path: Path) -> dict[str, tuple]:
     """Each leaf module's class and (bits, group_size, mode) after mlx-lm's loader has read the config."""
     model, _ = mlx_load_model(path, lazy=True)
-    return {name: (type(m).__name__, getattr(m, "bits", None), getattr(m, "group_size", None),
-                   getattr(m, "mode", None)) for name, m in tree_flatten(model.leaf_modules(), is_leaf=nn_module)}
+    return {
+        name: (type(m).__name__, getattr(m, "bits", None), getattr(m, "group_size", None), getattr(m, "mode", None))
+        for name, m in tree_flatten(model.leaf_modules(), is_leaf=nn_module)
+    }
 
 
 def nn_module(x) -> bool:
@@ -145,10 +154,12 @@ def nn_module(x) -> bool:
 @pytest.mark.parametrize("case", CASES)
 def test_tensors_and_index_are_identical_to_mlx_lm(case, ours, theirs):
     assert_same_tensors(ours / case, theirs / case)
-    assert sorted(p.name for p in (ours / case).glob("model*.safetensors")) == \
-        sorted(p.name for p in (theirs / case).glob("model*.safetensors"))
-    assert read_json(ours / case / "model.safetensors.index.json") == \
-        read_json(theirs / case / "model.safetensors.index.json")
+    assert sorted(p.name for p in (ours / case).glob("model*.safetensors")) == sorted(
+        p.name for p in (theirs / case).glob("model*.safetensors")
+    )
+    assert read_json(ours / case / "model.safetensors.index.json") == read_json(
+        theirs / case / "model.safetensors.index.json"
+    )
 
 
 @pytest.mark.parametrize("case", CASES)
@@ -230,8 +241,9 @@ def mlx_logits(path: Path, tokens: list[int]) -> np.ndarray:
     """mlx-lm's logits in float32, with its YaRN replaced by the exact (transformers) frequencies: mlx-lm
     floors/ceils the correction band (formats.md §7.1), which would otherwise dominate the difference."""
     model, config = mlx_load_model(path)
-    model.update(tree_map(lambda v: v.astype(mx.float32) if mx.issubdtype(v.dtype, mx.floating) else v,
-                          model.parameters()))
+    model.update(
+        tree_map(lambda v: v.astype(mx.float32) if mx.issubdtype(v.dtype, mx.floating) else v, model.parameters())
+    )
     freqs = mx.array((1.0 / yarn_inv_freq(ModelConfig.from_file(path / "config.json")).double()).float().numpy())
     for layer in model.model.layers:
         layer.self_attn.rope._freqs = freqs
@@ -241,7 +253,7 @@ def mlx_logits(path: Path, tokens: list[int]) -> np.ndarray:
 def engine_logits(path: Path, tokens: list[int]) -> np.ndarray:
     model, _ = load_model(path, device="cpu", dtype=torch.float32)
     with torch.no_grad():
-        return model(torch.tensor([tokens]))[0].numpy()
+        return forward_full(model, torch.tensor([tokens]))[0].numpy()
 
 
 def rel_err(a: np.ndarray, b: np.ndarray) -> float:
@@ -273,7 +285,7 @@ def test_one_flipped_bit_in_a_packed_weight_exceeds_the_logit_tolerance(work, tm
     with safe_open(str(shard), framework="pt") as f:
         header_len = int.from_bytes(shard.read_bytes()[:8], "little")
         name = "model.layers.3.mlp.experts.down_proj.weight"  # an expert of the last layer: a weak spot
-        start = 8 + header_len + json.loads(shard.read_bytes()[8:8 + header_len])[name]["data_offsets"][0]
+        start = 8 + header_len + json.loads(shard.read_bytes()[8 : 8 + header_len])[name]["data_offsets"][0]
         assert f.get_slice(name).get_dtype() == "U32"
     data = bytearray(shard.read_bytes())
     data[start] ^= 1  # the lowest bit of the first 4-bit code of expert 0's first row

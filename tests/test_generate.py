@@ -135,7 +135,7 @@ def test_cli_errors_are_one_line_without_traceback(tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "does not exist" in err and "Traceback" not in err
     assert main(["generate", "-m", str(tmp_path / "missing"), "-p", "Hi", "--top-p", "2"]) == 2
-    assert "top_p" in capsys.readouterr().err
+    assert "--top-p" in capsys.readouterr().err
 
 
 def test_cli_synth_writes_a_loadable_checkpoint_and_refuses_to_overwrite(tmp_path, capsys):

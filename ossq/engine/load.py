@@ -12,19 +12,11 @@ from pathlib import Path
 
 import torch
 
+from ossq.device import default_dtype, resolve_device
 from ossq.engine.model import GptOss
 from ossq.engine.ops import Ops, select_ops
 from ossq.errors import CheckpointError
 from ossq.formats.hf import Checkpoint
-
-
-def default_dtype(device: torch.device) -> torch.dtype:
-    """bf16 where it is fast (CUDA); float32 on CPU, where bf16 matmuls are slow and tests want fp32."""
-    return torch.bfloat16 if device.type == "cuda" else torch.float32
-
-
-def default_device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def load_model(
@@ -36,7 +28,7 @@ def load_model(
 ) -> tuple[GptOss, Path]:
     """The model and the resolved checkpoint directory. `ops` is an implementation or its name
     (engine/ops.py); its `prepare` hook runs once the weights are in."""
-    device = torch.device(device) if device is not None else default_device()
+    device = resolve_device(device)
     dtype = dtype or default_dtype(device)
     ops = select_ops(ops, device) if ops is None or isinstance(ops, str) else ops
     ckpt = Checkpoint(path_or_repo)

@@ -197,5 +197,7 @@ class GptOss(nn.Module):
         cos, sin = self.rotary(batch.positions, self.dtype)
         for block in self.model.layers:
             x = block(x, cos, sin, batch, kv)
+        if batch.logits_rows.numel() == 0:  # a prefill chunk short of its prompt's end: no logits wanted
+            return x.new_zeros(0, self.config.vocab_size, dtype=torch.float32)
         x = self.ops.rms_norm(x[batch.logits_rows], self.model.norm.weight, self.model.norm.eps)
         return self.ops.linear(x, self.lm_head).float()

@@ -11,7 +11,9 @@ Layouts (shared spec formats.md §2.3, §4.2, offline.md §2):
 
 from __future__ import annotations
 
+import difflib
 import json
+import os
 import re
 import struct
 from collections.abc import Callable, Iterator
@@ -23,11 +25,12 @@ import torch
 from safetensors import safe_open
 
 from ossq.config import ModelConfig, read_config_json
-from ossq.errors import CheckpointError
+from ossq.errors import CheckpointError, ConfigError
 from ossq.formats.mlx import INDEX_FILE, QuantSpec, expected_tensors, linear_modules, specs_from_config
 from ossq.quant import mxfp4
 
 HUB_PATTERNS = ["*.json", "*.safetensors", "*.jinja", "*.txt"]
+HUB_ID = re.compile(r"[\w.-]+/[\w.-]+")  # owner/name
 _DTYPE_BYTES = {
     "BOOL": 1,
     "U8": 1,
@@ -50,27 +53,96 @@ MXFP4_EXPERTS = QuantSpec(bits=4, group_size=32, mode="mxfp4")
 
 def resolve(path_or_repo: str | Path) -> Path:
     """A local checkpoint directory, or a hub id downloaded with huggingface_hub (config, weights and
-    tokenizer only: the `original/` and `metal/` copies are skipped)."""
+    tokenizer only: the `original/` and `metal/` copies are skipped). See `local_checkpoint`."""
+    local = local_checkpoint(path_or_repo)
+    return local if local is not None else _download(str(path_or_repo))
+
+
+def local_checkpoint(path_or_repo: str | Path) -> Path | None:
+    """The directory `path_or_repo` names, or None for a hub id (nothing is downloaded here).
+
+    A name that looks local — it starts with `.`, `/` or `~`, is not shaped like `owner/name`, or its
+    first component is a directory here (`conv/q5` when `conv/` exists) — is never sent to the hub: the
+    CheckpointError says the directory does not exist (suggesting a near name). The hub is mentioned only
+    when it was asked."""
     path = Path(path_or_repo).expanduser()
     if path.is_dir():
         return path
     if path.exists():
         raise CheckpointError(f"{path} is a file; pass the checkpoint directory that holds config.json")
-    if not re.fullmatch(r"[\w.-]+/[\w.-]+", str(path_or_repo)):
-        raise CheckpointError(f"{path_or_repo}: no such directory (and not a hub id like 'openai/gpt-oss-20b')")
-    return _download(str(path_or_repo))
+    text = str(path_or_repo)
+    if _looks_local(text):
+        raise CheckpointError(f"directory {text} does not exist{_suggestion(path)}")
+    return None
+
+
+def read_model_config(root: Path) -> tuple[dict[str, Any], ModelConfig]:
+    """(raw config.json, ModelConfig) of a checkpoint directory; errors name `root/config.json`."""
+    raw = read_config_json(root / "config.json")
+    try:
+        return raw, ModelConfig.from_dict(raw)
+    except ConfigError as e:  # its messages start "config.json:"; say which one
+        raise ConfigError(f"{root / 'config.json'}{str(e).removeprefix('config.json')}") from None
+
+
+def _looks_local(text: str) -> bool:
+    if text.startswith((".", "/", "~")) or "\\" in text or not HUB_ID.fullmatch(text):
+        return True
+    return Path(text.split("/")[0]).is_dir()
+
+
+def _suggestion(path: Path) -> str:
+    """ "; did you mean X?" for a sibling directory whose name is close to the missing one's."""
+    parent = path.parent
+    if not parent.is_dir():
+        return ""
+    try:
+        names = [p.name for p in parent.iterdir() if p.is_dir() and not p.name.startswith(".")]
+    except OSError:
+        return ""
+    close = difflib.get_close_matches(path.name, names, n=1, cutoff=0.5)
+    return f"; did you mean {parent / close[0]}?" if close else ""
 
 
 def _download(repo: str) -> Path:
-    from huggingface_hub import snapshot_download
+    """The hub snapshot of `repo` (the local cache when offline); errors say what the hub answered."""
+    from huggingface_hub import constants, snapshot_download
+    from huggingface_hub.errors import GatedRepoError, LocalEntryNotFoundError, RepositoryNotFoundError
 
     try:
         return Path(snapshot_download(repo, allow_patterns=HUB_PATTERNS))
-    except Exception as e:  # the hub client raises many types; all mean "not available here"
+    except GatedRepoError:
         raise CheckpointError(
-            f"could not download {repo!r} from the Hugging Face hub ({type(e).__name__}); "
-            "if this machine is offline, download the checkpoint elsewhere and pass its local directory"
+            f"{repo} is a gated model on the Hugging Face hub: accept its terms on huggingface.co, then log "
+            "in with `hf auth login`"
         ) from None
+    except RepositoryNotFoundError:
+        raise CheckpointError(
+            f"directory {repo} does not exist, and the Hugging Face hub has no model {repo!r} (if it is "
+            "private, log in with `hf auth login`)"
+        ) from None
+    except LocalEntryNotFoundError:  # offline by setting, or the hub could not be reached
+        if constants.HF_HUB_OFFLINE or _env_true("HF_HUB_OFFLINE"):
+            raise CheckpointError(
+                f"directory {repo} does not exist (HF_HUB_OFFLINE is set, and it is not a downloaded hub model)"
+            ) from None
+        raise CheckpointError(
+            f"directory {repo} does not exist, and the Hugging Face hub could not be reached to download "
+            "it; if this machine is offline, download the checkpoint elsewhere and pass its local directory"
+        ) from None
+    except Exception as e:  # the hub client raises many more types; all mean "not available here"
+        raise CheckpointError(
+            f"could not download {repo!r} from the Hugging Face hub ({type(e).__name__}: {_first_line(e)})"
+        ) from None
+
+
+def _env_true(name: str) -> bool:
+    return os.environ.get(name, "").strip().upper() in ("1", "ON", "YES", "TRUE")
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else ""
 
 
 def _header(path: Path) -> dict[str, Any]:
@@ -87,8 +159,15 @@ def _header(path: Path) -> dict[str, Any]:
             header = json.loads(f.read(n))
         except (json.JSONDecodeError, UnicodeDecodeError):
             raise CheckpointError(f"{path.name}: corrupt safetensors header") from None
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{path.name}: corrupt safetensors header")
     header.pop("__metadata__", None)
-    end = max((int(t["data_offsets"][1]) for t in header.values()), default=0)
+    try:
+        end = max((int(t["data_offsets"][1]) for t in header.values()), default=0)
+        for t in header.values():
+            tuple(t["shape"]), str(t["dtype"])
+    except (TypeError, KeyError, IndexError, ValueError):
+        raise CheckpointError(f"{path.name}: corrupt safetensors header") from None
     if 8 + n + end > size:
         raise CheckpointError(f"{path.name}: truncated safetensors file ({size} bytes, its header needs {8 + n + end})")
     return header
@@ -118,7 +197,9 @@ class SafetensorsFiles:
         if index.exists():
             try:
                 names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-            except (json.JSONDecodeError, KeyError, AttributeError):
+                if not all(isinstance(n, str) and n for n in names):
+                    raise TypeError
+            except (json.JSONDecodeError, UnicodeDecodeError, KeyError, AttributeError, TypeError):
                 raise CheckpointError(f"{index}: not a valid safetensors index") from None
             missing = [n for n in names if not (self.root / n).is_file()]
             if missing:
@@ -152,8 +233,7 @@ class Checkpoint:
 
     def __init__(self, path_or_repo: str | Path) -> None:
         self.root = resolve(path_or_repo)
-        self.raw_config = read_config_json(self.root / "config.json")
-        self.config = ModelConfig.from_dict(self.raw_config)
+        self.raw_config, self.config = read_model_config(self.root)
         self.files = SafetensorsFiles(self.root)
         keys = set(self.files.tensors)
         self.layout = self._detect_layout()

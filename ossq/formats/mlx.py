@@ -9,10 +9,15 @@ match against `expected_tensors`. Rules mirror mlx-lm `models/gpt_oss.py` and `u
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import math
 import os
+import re
+import secrets
+import shutil
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,7 +25,7 @@ from typing import Any
 import torch
 
 from ossq.config import ModelConfig
-from ossq.errors import CheckpointError, UnsupportedQuantization
+from ossq.errors import CheckpointError, OssqError, UnsupportedQuantization
 
 MODES = ("affine", "mxfp4")
 AFFINE_BITS = (2, 3, 4, 5, 6, 8)
@@ -56,9 +61,13 @@ class QuantSpec:
         """An MLX config entry; a missing `mode` means affine, a null group size mlx-lm's default 64."""
         mode = d.get("mode") or "affine"
         base = default if default is not None and default.mode == mode else None
-        group = d.get("group_size") or (base.group_size if base else (32 if mode == "mxfp4" else 64))
-        bits = d.get("bits") or (base.bits if base else 4)
-        return cls(bits=int(bits), group_size=int(group), mode=mode)
+        group = d.get("group_size")  # null: the default (mlx-lm writes it for mixed recipes); 0 is refused
+        group = (base.group_size if base else (32 if mode == "mxfp4" else 64)) if group is None else group
+        bits = d.get("bits")
+        bits = (base.bits if base else 4) if bits is None else bits
+        if not all(isinstance(v, int) and not isinstance(v, bool) for v in (bits, group)):
+            raise UnsupportedQuantization(f"quantization entry {d!r}: bits and group_size must be integers")
+        return cls(bits=bits, group_size=group, mode=mode)
 
     def to_config(self) -> dict[str, Any]:
         return {"group_size": self.group_size, "bits": self.bits, "mode": self.mode}
@@ -182,8 +191,13 @@ def specs_from_config(
 # ---- writing: parameter order, shards, index, config.json ------------------------------------------------
 MAX_SHARD_BYTES = 5 << 30  # mlx-lm utils.MAX_FILE_SIZE_GB = 5, applied as `<< 30`
 INDEX_FILE = "model.safetensors.index.json"
-SAFETENSORS_DTYPES = {torch.bfloat16: "BF16", torch.float16: "F16", torch.float32: "F32",
-                      torch.uint32: "U32", torch.uint8: "U8"}
+SAFETENSORS_DTYPES = {
+    torch.bfloat16: "BF16",
+    torch.float16: "F16",
+    torch.float32: "F32",
+    torch.uint32: "U32",
+    torch.uint8: "U8",
+}
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
 
 
@@ -250,8 +264,11 @@ def safetensors_header(entries: list[TensorEntry]) -> bytes:
     header: dict[str, Any] = {"__metadata__": {"format": "mlx"}}
     offset = 0
     for e in entries:
-        header[e.name] = {"dtype": SAFETENSORS_DTYPES[e.dtype], "shape": list(e.shape),
-                          "data_offsets": [offset, offset + e.nbytes]}
+        header[e.name] = {
+            "dtype": SAFETENSORS_DTYPES[e.dtype],
+            "shape": list(e.shape),
+            "data_offsets": [offset, offset + e.nbytes],
+        }
         offset += e.nbytes
     raw = json.dumps(header, separators=(",", ":")).encode()
     raw += b" " * (-len(raw) % 8)
@@ -319,9 +336,13 @@ class ShardWriter:
         """`model.safetensors.index.json` as mlx-lm writes it: total tensor bytes, mlx-lm's parameter count
         (formats.md §3.4), and the weight map sorted by name."""
         weight_map = {e.name: f for f, shard in zip(self.files, self.shards, strict=True) for e in shard}
-        return {"metadata": {"total_size": sum(s.entry.nbytes for s in self._slots.values()),
-                             "total_parameters": total_parameters},
-                "weight_map": dict(sorted(weight_map.items()))}
+        return {
+            "metadata": {
+                "total_size": sum(s.entry.nbytes for s in self._slots.values()),
+                "total_parameters": total_parameters,
+            },
+            "weight_map": dict(sorted(weight_map.items())),
+        }
 
 
 def _pwrite_all(fd: int, data: memoryview, offset: int) -> None:
@@ -378,3 +399,90 @@ def config_json(
         d["quantization"] = quantization
         d["quantization_config"] = copy.deepcopy(quantization)
     return dict(sorted(d.items()))
+
+
+# ---- atomic publish: a hidden staging directory next to the destination ---------------------------------
+def _staging_pattern(dest: Path) -> re.Pattern[str]:
+    """`.<name>.<pid>.<8 hex>.tmp` (and `.old`, a replaced destination not yet deleted); older ossq versions
+    wrote no pid."""
+    return re.compile(rf"\.{re.escape(dest.name)}\.(?:(\d+)\.)?[0-9a-f]{{8}}\.tmp(?:\.old)?")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+def stale_staging(dest: Path) -> list[Path]:
+    """Staging directories next to `dest` whose writer is gone (killed, e.g. by SIGKILL or a power cut):
+    their pid names no running process. A live writer's directory is never listed."""
+    dest = Path(dest)
+    if not dest.parent.is_dir():
+        return []
+    pattern = _staging_pattern(dest)
+    found = []
+    for p in sorted(dest.parent.iterdir()):
+        m = pattern.fullmatch(p.name)
+        if m and p.is_dir() and not p.is_symlink() and (m.group(1) is None or not _alive(int(m.group(1)))):
+            found.append(p)
+    return found
+
+
+def remove_stale_staging(dest: Path) -> list[Path]:
+    """Delete `stale_staging(dest)` and return what was deleted."""
+    stale = stale_staging(dest)
+    for p in stale:
+        shutil.rmtree(p, ignore_errors=True)
+    return stale
+
+
+def check_creatable(dest: Path, flag: str) -> None:
+    """That the directory `dest` (named by the CLI's `flag`) can be created: not a file, and its nearest
+    existing ancestor a writable directory. OssqError otherwise, before any work."""
+    if dest.exists() and not dest.is_dir():
+        raise OssqError(f"{dest} is a file; {flag} names the directory to create")
+    anchor = dest.parent
+    while not anchor.exists():
+        anchor = anchor.parent
+    if not anchor.is_dir():
+        raise OssqError(f"cannot create {dest}: {anchor} is a file")
+    if not os.access(anchor, os.W_OK | os.X_OK):
+        raise OssqError(f"cannot create {dest}: {anchor} is not writable")
+
+
+@contextlib.contextmanager
+def staging(dest: Path, *, replace: bool = False) -> Iterator[Path]:
+    """A fresh hidden directory next to `dest`, renamed to `dest` when the block completes and removed
+    (with everything in it) when it fails or is interrupted — any exception, KeyboardInterrupt and the
+    CLI's signal exits included. With `replace` an existing `dest` is replaced only then. The name
+    carries our pid, so a later run can tell a killed writer's leftovers (`stale_staging`)."""
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dest.with_name(f".{dest.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+    tmp.mkdir()
+    try:
+        yield tmp
+        _publish(tmp, dest, replace)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _publish(tmp: Path, dest: Path, replace: bool) -> None:
+    if not dest.exists():
+        tmp.rename(dest)
+        return
+    if not replace:
+        raise OssqError(f"{dest} appeared while it was being written; the result was discarded")
+    old = tmp.with_name(tmp.name + ".old")
+    dest.rename(old)
+    try:
+        tmp.rename(dest)
+    except BaseException:
+        old.rename(dest)
+        raise
+    shutil.rmtree(old) if old.is_dir() else old.unlink()

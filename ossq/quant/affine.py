@@ -29,6 +29,8 @@ GPU_CHUNK_ELEMENTS = 1 << 26
 def chunk_elements(device: torch.device) -> int:
     """Elements per chunk when dequantizing on `device`."""
     return CHUNK_ELEMENTS if device.type == "cpu" else GPU_CHUNK_ELEMENTS
+
+
 _MIN_SCALE = 1e-7  # mlx's floor on |scale| (a float32 literal there)
 
 

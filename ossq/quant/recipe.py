@@ -119,8 +119,8 @@ class Recipe:
 def uniform(bits: int | None = None, group_size: int | None = None, mode: str = "affine") -> Recipe:
     """mlx-lm's plain `-q` for gpt_oss: routers 8-bit g64 affine, everything else at (bits, group_size);
     missing values take mlx-lm's per-mode defaults (affine 4/64, mxfp4 4/32)."""
-    group_size = group_size or DEFAULT_GROUP.get(mode, 64)
-    spec = QuantSpec(bits=bits or 4, group_size=group_size, mode=mode)
+    group_size = DEFAULT_GROUP.get(mode, 64) if group_size is None else group_size
+    spec = QuantSpec(bits=4 if bits is None else bits, group_size=group_size, mode=mode)
     rules = (Rule(("router",), ROUTER_SPEC), Rule(("*",), spec))
     return Recipe(f"uniform {spec.bits}-bit g{group_size} {mode}", spec, rules, skip_group=group_size)
 
@@ -132,14 +132,14 @@ def mixed(name: str, group_size: int | None = None, *, bits: int | None = None) 
     if name not in MIXED_BITS:
         raise UnsupportedQuantization(f"unknown mixed recipe {name!r}; choose one of {', '.join(MIXED_BITS)}")
     low, high = MIXED_BITS[name]
-    g = group_size or 64
+    g = 64 if group_size is None else group_size
     rules = (
         Rule(("v_proj", "down_proj"), QuantSpec(high, g), layers=mixed_more_bits),
         Rule(("lm_head",), QuantSpec(high, g)),
         Rule(("*",), QuantSpec(low, g)),
     )
-    return Recipe(name, QuantSpec(bits or 4, g), rules, skip_group=g, group_size_null=group_size is None,
-                  explicit_entries=True)
+    top = QuantSpec(4 if bits is None else bits, g)
+    return Recipe(name, top, rules, skip_group=g, group_size_null=group_size is None, explicit_entries=True)
 
 
 def tiered(group_size: int = 64) -> Recipe:
@@ -177,20 +177,20 @@ def resolve(
     if name_or_path in (None, "uniform"):
         return uniform(bits, group_size, mode)
     if name_or_path in ("tiered", "mxfp4-experts", *MIXED_BITS) and mode != "affine":
-        raise UnsupportedQuantization(f"recipe {name_or_path!r} is affine-only; drop --mode {mode}")
+        raise UnsupportedQuantization(f"recipe {name_or_path!r} is affine-only; drop --q-mode {mode}")
     if name_or_path in MIXED_BITS:
         return mixed(name_or_path, group_size, bits=bits)
     if name_or_path == "tiered":
         if bits is not None:
-            raise UnsupportedQuantization("recipe 'tiered' fixes its own bits (6/4/3); drop --bits")
-        return tiered(group_size or 64)
+            raise UnsupportedQuantization("recipe 'tiered' fixes its own bits (6/4/3); drop --q-bits")
+        return tiered(64 if group_size is None else group_size)
     if name_or_path == "mxfp4-experts":
-        return experts_mxfp4(bits or 4, group_size or 64)
+        return experts_mxfp4(4 if bits is None else bits, 64 if group_size is None else group_size)
     path = Path(name_or_path)
     if path.suffix.lower() in (".toml", ".json") or path.exists():
         if bits is not None or group_size is not None or mode != "affine":
             raise UnsupportedQuantization(
-                f"{path}: a recipe file sets its own bits, group size and mode; drop --bits/--group-size/--mode"
+                f"{path}: a recipe file sets its own bits, group size and mode; drop --q-bits/--q-group-size/--q-mode"
             )
         return from_file(path)
     raise UnsupportedQuantization(
@@ -340,13 +340,15 @@ def _expand_ranges(text: str) -> Iterable[int]:
 # ---- the plan and its size ------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class TableRow:
-    """One line of the size table: `count` tensors of one kind stored the same way (spec None = bf16)."""
+    """One line of the size table: `count` tensors of one kind stored the same way (spec None = bf16).
+    `counted`: whether mlx-lm's parameter total includes them (not the sinks, which no leaf module owns)."""
 
     kind: str
     count: int
     spec: QuantSpec | None
     parameters: int
     bytes: int
+    counted: bool = True
 
 
 @dataclass(frozen=True)
@@ -381,7 +383,7 @@ class Plan:
         for name, shape in plain_tensors(self.config).items():
             n = math.prod(shape)
             is_sink = name.endswith(".sinks")  # sinks belong to no leaf module: mlx-lm does not count them
-            _add(rows, TableRow("sinks" if is_sink else "norms", 1, None, 0 if is_sink else n, BF16_BYTES * n))
+            _add(rows, TableRow("sinks" if is_sink else "norms", 1, None, n, BF16_BYTES * n, counted=not is_sink))
         kinds = list(dict.fromkeys(kind for kind, _ in rows))
         return sorted(rows.values(), key=lambda r: kinds.index(r.kind))  # stable: specs keep model order
 
@@ -389,7 +391,7 @@ class Plan:
     def total_parameters(self) -> int:
         """mlx-lm's `get_total_parameters`: a quantized module counts its unpacked weight and its bias; the
         sinks (not a leaf module's parameter) are not counted (formats.md §3.4)."""
-        return sum(r.parameters for r in self.table())
+        return sum(r.parameters for r in self.table() if r.counted)
 
     @property
     def total_bytes(self) -> int:
@@ -473,7 +475,11 @@ def render_table(p: Plan) -> Table:
     from rich.table import Table
 
     gb = f"{p.total_bytes / 1e9:.2f} GB"
-    table = Table(title=f"{p.recipe.name}: {p.bits_per_weight:.3f} bits per weight, {gb}")
+    uncounted = sum(r.parameters for r in p.table() if not r.counted)
+    caption = f"parameters as mlx-lm counts them: the total leaves out the {uncounted:,} attention sinks"
+    table = Table(
+        title=f"{p.recipe.name}: {p.bits_per_weight:.3f} bits per weight, {gb}", caption=caption if uncounted else None
+    )
     for col in ("tensor", "count", "bits", "group", "mode", "parameters", "size"):
         table.add_column(col, justify="left" if col in ("tensor", "mode") else "right")
     for r in p.table():
