@@ -142,10 +142,6 @@ class ModelConfig:
             raise ConfigError("config.json: rms_norm_eps, rope_theta and swiglu_limit must be positive")
 
     # ---- derived values -------------------------------------------------------------------------
-    @property
-    def q_per_kv(self) -> int:
-        return self.num_attention_heads // self.num_key_value_heads
-
     def window(self, layer: int) -> int | None:
         """Keys a query of `layer` may see (including itself), or None for unbounded."""
         return self.sliding_window if self.layer_types[layer] == SLIDING else None

@@ -15,7 +15,7 @@ from safetensors.torch import load_file, save_file
 from ossq.engine.load import load_model
 from ossq.engine.ops import dequantize
 from ossq.errors import CheckpointError, ConfigError
-from ossq.formats.hf import Checkpoint, resolve
+from ossq.formats.hf import Checkpoint, SafetensorsFiles, resolve
 
 
 @pytest.fixture
@@ -158,3 +158,19 @@ def test_hub_id_offline_says_the_directory_does_not_exist_and_why_the_hub_was_no
 def test_missing_directory_is_named(tmp_path):
     with pytest.raises(CheckpointError, match=f"directory {tmp_path}/nope/deeper does not exist$"):
         resolve(tmp_path / "nope" / "deeper")
+
+
+@pytest.mark.parametrize("layout", ["hf-mxfp4", "hf-bf16"])
+def test_loading_reads_each_gate_up_tensor_once(small_checkpoint, tmp_path, monkeypatch, layout):
+    path = small_checkpoint
+    if layout == "hf-bf16":
+        transformers = pytest.importorskip("transformers")
+        ref = transformers.GptOssForCausalLM.from_pretrained(small_checkpoint, dtype=torch.bfloat16)
+        ref.save_pretrained(tmp_path / "bf16")
+        path = tmp_path / "bf16"
+    reads: list[str] = []
+    real = SafetensorsFiles.read
+    monkeypatch.setattr(SafetensorsFiles, "read", lambda self, key, *a: (reads.append(key), real(self, key, *a))[1])
+    load_model(path, device="cpu", dtype=torch.float32)
+    gate_up = [k for k in reads if ".gate_up_proj" in k]
+    assert gate_up and len(gate_up) == len(set(gate_up))

@@ -31,23 +31,6 @@ from ossq.quant import mxfp4
 
 HUB_PATTERNS = ["*.json", "*.safetensors", "*.jinja", "*.txt"]
 HUB_ID = re.compile(r"[\w.-]+/[\w.-]+")  # owner/name
-_DTYPE_BYTES = {
-    "BOOL": 1,
-    "U8": 1,
-    "I8": 1,
-    "F8_E4M3": 1,
-    "F8_E5M2": 1,
-    "I16": 2,
-    "U16": 2,
-    "F16": 2,
-    "BF16": 2,
-    "I32": 4,
-    "U32": 4,
-    "F32": 4,
-    "I64": 8,
-    "U64": 8,
-    "F64": 8,
-}
 MXFP4_EXPERTS = QuantSpec(bits=4, group_size=32, mode="mxfp4")
 
 
@@ -288,9 +271,10 @@ class Checkpoint:
         # Gate/up interleave: even rows are gate, odd rows up (on the last axis in transformers' layout,
         # which `fix` has already moved to the row axis).
         axis = -1 if part == "_bias" else -2
+        shared = _ReadOnce(lambda e: fix(read(key, e)))
         return {
-            f"{prefix}.gate_proj.{suffix}": lambda e: _rows(fix(read(key, e)), 0, axis),
-            f"{prefix}.up_proj.{suffix}": lambda e: _rows(fix(read(key, e)), 1, axis),
+            f"{prefix}.gate_proj.{suffix}": lambda e: _rows(shared(e), 0, axis),
+            f"{prefix}.up_proj.{suffix}": lambda e: _rows(shared(e), 1, axis),
         }
 
     def _specs(self, keys: set[str]) -> dict[str, QuantSpec | None]:
@@ -338,6 +322,20 @@ class Checkpoint:
 
     def close(self) -> None:
         self.files.close()
+
+
+class _ReadOnce:
+    """A source tensor that two MLX tensors are cut from (gate and up of `gate_up_proj`): the first of the
+    two reads (per expert index) reads it and keeps it, the second takes it, so it is read once."""
+
+    def __init__(self, read: Reader) -> None:
+        self.read, self.kept = read, {}
+
+    def __call__(self, expert: int | None) -> torch.Tensor:
+        if expert in self.kept:
+            return self.kept.pop(expert)
+        self.kept[expert] = t = self.read(expert)
+        return t
 
 
 def _rows(t: torch.Tensor, start: int, axis: int) -> torch.Tensor:
