@@ -108,22 +108,29 @@ def test_published_mxfp4_checkpoint_matches_transformers_dequantized(small_check
     assert torch.equal(got.argmax(-1), expected.argmax(-1))
 
 
-def test_bfloat16_model_stays_close_to_the_float32_oracle(pair, tmp_path):
+def test_bfloat16_model_is_as_close_to_the_float32_oracle_as_transformers_bfloat16(pair, tmp_path):
+    """The same bf16-rounded weights in fp32 arithmetic are the oracle. bf16 activations carry ~8 bits of
+    mantissa, and where two router logits nearly tie that noise picks another expert, which moves one
+    position a lot (and later ones through attention) — by luck, for ours or theirs. So the claim is
+    statistical, over 8 prompts × 40 positions: our median per-position error is transformers' bf16's
+    within 25 %, and our top-1 agreement with fp32 at most 5 points below theirs (and at least 90 %)."""
     config, ref, _ = pair
-    ref = copy.deepcopy(ref).bfloat16().float()  # the same bf16-rounded weights, fp32 arithmetic
+    ref = copy.deepcopy(ref).bfloat16().float()
     ref.save_pretrained(tmp_path)
     ours, _ = load_model(tmp_path, device="cpu", dtype=torch.bfloat16)
-    tokens = torch.randint(0, config.vocab_size, (1, 40), generator=torch.Generator().manual_seed(6))
+    tokens = torch.randint(0, config.vocab_size, (8, 40), generator=torch.Generator().manual_seed(6))
     with torch.no_grad():
         expected = ref(tokens).logits
         got = forward_full(ours, tokens)
-    assert got.dtype == torch.float32 and torch.isfinite(got).all()
-    # bf16 activations carry ~8 bits of mantissa, and where two router logits nearly tie, that noise picks
-    # another expert: the token's output moves a lot, and later tokens with it through attention. So the claim
-    # is the oracle's own: our bf16 is about as far from fp32 as transformers' bf16 is.
-    with torch.no_grad():
         theirs = copy.deepcopy(ref).bfloat16()(tokens).logits.float()
-    agree = (got.argmax(-1) == expected.argmax(-1)).float().mean()
-    agree_theirs = (theirs.argmax(-1) == expected.argmax(-1)).float().mean()
-    print(f"top-1 agreement with fp32: ours {agree:.2f}, transformers bf16 {agree_theirs:.2f}")
-    assert agree >= 0.5 and agree >= agree_theirs - 0.4
+    assert got.dtype == torch.float32 and torch.isfinite(got).all()
+
+    def error(a: torch.Tensor) -> float:
+        return ((a - expected).norm(dim=-1) / expected.norm(dim=-1)).median().item()
+
+    def agreement(a: torch.Tensor) -> float:
+        return (a.argmax(-1) == expected.argmax(-1)).float().mean().item()
+
+    print(f"median error: ours {error(got):.4f}, transformers bf16 {error(theirs):.4f}")
+    assert error(got) <= 1.25 * error(theirs)
+    assert agreement(got) >= max(0.9, agreement(theirs) - 0.05)
