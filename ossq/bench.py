@@ -40,8 +40,8 @@ from ossq.engine.engine import Engine, EngineConfig
 from ossq.engine.generate import load
 from ossq.errors import InvalidArgument, OssqError
 from ossq.formats.hf import Checkpoint
-from ossq.formats.mlx import QuantSpec
 from ossq.quant.recipe import Plan, Recipe
+from ossq.quant.spec import QuantSpec
 from ossq.report import Metric, Report, Series, model_names, print_report, pyplot, system_info, write_files
 from ossq.tokenizer import N_RANKS
 

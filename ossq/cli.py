@@ -483,14 +483,14 @@ def _check_prompts_file(args: argparse.Namespace) -> None:
 
 
 def _check_convert(args: argparse.Namespace) -> None:
-    from ossq.formats.mlx import AFFINE_BITS, GROUP_SIZES
+    from ossq.quant.affine import BITS, GROUP_SIZES
 
     if args.q_mode == "mxfp4":
         for flag, value, only in (("--q-bits", args.q_bits, 4), ("--q-group-size", args.q_group_size, 32)):
             if value not in (None, only):
                 raise _usage(flag, f"must be {only} with --q-mode mxfp4 (its only value), got {value}")
-    if args.q_bits is not None and args.q_bits not in AFFINE_BITS:
-        raise _usage("--q-bits", f"must be one of {', '.join(map(str, AFFINE_BITS))}, got {args.q_bits}")
+    if args.q_bits is not None and args.q_bits not in BITS:
+        raise _usage("--q-bits", f"must be one of {', '.join(map(str, BITS))}, got {args.q_bits}")
     if args.q_group_size is not None and args.q_group_size not in GROUP_SIZES:
         raise _usage("--q-group-size", f"must be one of {', '.join(map(str, GROUP_SIZES))}, got {args.q_group_size}")
 

@@ -44,7 +44,6 @@ from ossq.formats.mlx import (
     INDEX_FILE,
     TOKENIZER_FILES,
     LinearInfo,
-    QuantSpec,
     ShardWriter,
     TensorEntry,
     check_creatable,
@@ -59,6 +58,7 @@ from ossq.formats.mlx import (
 )
 from ossq.quant import affine, mxfp4
 from ossq.quant.recipe import Plan, Recipe, plan, render_table, resolve
+from ossq.quant.spec import QuantSpec
 
 if TYPE_CHECKING:
     from rich.console import Console

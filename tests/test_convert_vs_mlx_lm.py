@@ -30,8 +30,9 @@ from ossq.engine.engine import forward_full
 from ossq.engine.load import load_model
 from ossq.engine.model import yarn_inv_freq
 from ossq.formats.hf import Checkpoint
-from ossq.formats.mlx import QuantSpec, TensorEntry, expected_tensors, parameter_order, shard_plan
+from ossq.formats.mlx import TensorEntry, expected_tensors, parameter_order, shard_plan
 from ossq.quant.recipe import plan, uniform
+from ossq.quant.spec import QuantSpec
 from tests.conftest import tensors
 
 mx = pytest.importorskip("mlx.core")

@@ -16,7 +16,7 @@ import pytest
 
 from ossq.config import PRESETS, ModelConfig
 from ossq.errors import OssqError, UnsupportedQuantization
-from ossq.formats.mlx import QuantSpec, linear_modules
+from ossq.formats.mlx import linear_modules
 from ossq.quant.recipe import (
     BUILTIN,
     Recipe,
@@ -30,6 +30,7 @@ from ossq.quant.recipe import (
     tiered,
     uniform,
 )
+from ossq.quant.spec import QuantSpec
 
 C20, C120 = PRESETS["20b"], PRESETS["120b"]
 

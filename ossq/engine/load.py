@@ -1,7 +1,8 @@
 """Checkpoint directory or hub id → GptOss on a device.
 
 Buffers are allocated once, directly on the target device, and filled one checkpoint tensor at a time,
-so peak host memory is one tensor. The match between checkpoint names and model buffers is strict:
+so peak host memory is one tensor (for the published layout's experts, one `gate_up_proj` tensor, read
+once and cut into its gate and up halves). The match between checkpoint names and model buffers is strict:
 formats/hf.py has already failed loudly on a missing or extra tensor or a wrong shape; here a packed
 tensor of the wrong dtype fails too (mlx-lm would load it silently, formats.md §7.21).
 """

@@ -22,7 +22,8 @@ from ossq.config import ModelConfig
 from ossq.engine.batch import Batch
 from ossq.engine.kv import KVPool
 from ossq.engine.ops import Ops, TorchOps
-from ossq.formats.mlx import LinearInfo, QuantSpec, linear_modules
+from ossq.formats.mlx import LinearInfo, linear_modules
+from ossq.quant.spec import QuantSpec
 
 
 class Linear(nn.Module):

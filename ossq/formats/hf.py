@@ -26,8 +26,9 @@ from safetensors import safe_open
 
 from ossq.config import ModelConfig, read_config_json
 from ossq.errors import CheckpointError, ConfigError
-from ossq.formats.mlx import INDEX_FILE, QuantSpec, expected_tensors, linear_modules, specs_from_config
+from ossq.formats.mlx import INDEX_FILE, expected_tensors, linear_modules, specs_from_config
 from ossq.quant import mxfp4
+from ossq.quant.spec import QuantSpec
 
 HUB_PATTERNS = ["*.json", "*.safetensors", "*.jinja", "*.txt"]
 HUB_ID = re.compile(r"[\w.-]+/[\w.-]+")  # owner/name
@@ -325,16 +326,21 @@ class Checkpoint:
 
 
 class _ReadOnce:
-    """A source tensor that two MLX tensors are cut from (gate and up of `gate_up_proj`): the first of the
-    two reads (per expert index) reads it and keeps it, the second takes it, so it is read once."""
+    """A source tensor that two MLX tensors are cut from (gate and up of `gate_up_proj`). Read whole (the
+    loader, which asks for gate then up), the first read keeps it and the second takes it, so it is read
+    once. Per-expert slices (the converter, which streams every gate slice before any up slice) are read
+    each time: keeping them would hold a whole layer's experts and break the converter's memory bound."""
 
     def __init__(self, read: Reader) -> None:
-        self.read, self.kept = read, {}
+        self.read, self.kept = read, None
 
     def __call__(self, expert: int | None) -> torch.Tensor:
-        if expert in self.kept:
-            return self.kept.pop(expert)
-        self.kept[expert] = t = self.read(expert)
+        if expert is not None:
+            return self.read(expert)
+        if self.kept is not None:
+            t, self.kept = self.kept, None
+            return t
+        self.kept = t = self.read(None)
         return t
 
 

@@ -22,6 +22,7 @@ from ossq.errors import UnsupportedQuantization
 from ossq.quant.affine import chunk_elements
 
 E2M1 = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0)
+BITS = 4  # an E2M1 element
 BLOCK = 32  # elements per shared scale
 SCALE_BIAS = 127  # E8M0: byte s means 2^(s - 127)
 CHUNK_ELEMENTS = 1 << 20  # elements per chunk; bounds the temporaries

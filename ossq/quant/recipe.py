@@ -22,7 +22,8 @@ from typing import TYPE_CHECKING, Any
 
 from ossq.config import FULL, ModelConfig
 from ossq.errors import UnsupportedQuantization
-from ossq.formats.mlx import LinearInfo, QuantSpec, linear_modules, module_tensors, plain_tensors
+from ossq.formats.mlx import LinearInfo, linear_modules, module_tensors, plain_tensors
+from ossq.quant.spec import QuantSpec
 
 if TYPE_CHECKING:
     from rich.table import Table
