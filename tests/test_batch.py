@@ -74,3 +74,16 @@ def test_a_bad_line_is_named_before_any_work_and_nothing_is_written(tiny, tmp_pa
         )
     assert message in str(e.value)
     assert list(tmp_path.iterdir()) == [src]
+
+
+def test_the_cli_runs_a_prompts_file_and_writes_one_line_per_prompt(tiny_checkpoint, tmp_path, capsys):
+    from ossq.cli import main
+
+    src = write_lines(tmp_path / "in.jsonl", [{"prompt": "one"}, {"messages": [{"role": "user", "content": "hi"}]}])
+    out = tmp_path / "out.jsonl"
+    argv = ["generate", "-m", str(tiny_checkpoint), "--prompts-file", str(src), "--out", str(out)]
+    assert main([*argv, "--max-tokens", "3", "--kv-cache-tokens", "512", "--device", "cpu"]) == 0
+    rows = [json.loads(x) for x in out.read_text().splitlines()]
+    assert [r["index"] for r in rows] == [0, 1] and all(r["completion_tokens"] <= 3 for r in rows)
+    assert f"wrote 2 completions to {out}" in capsys.readouterr().out
+    assert oct(out.stat().st_mode & 0o777) == "0o644"

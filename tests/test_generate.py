@@ -171,4 +171,8 @@ def test_cli_chat_keeps_history_across_turns_and_exits(tiny_checkpoint, monkeypa
     assert len(prompts) == 2 and len(prompts[1]) > len(prompts[0])
     tokenizer = load(tiny_checkpoint, device="cpu")[1]
     assert "first question" in tokenizer.decode(prompts[1]) and "Reasoning: low" in tokenizer.decode(prompts[0])
-    assert capsys.readouterr().out.count("generation: 4 tokens") == 2
+    out = capsys.readouterr().out
+    assert out.count("generation: 4 tokens") == 2
+    # the second turn's prompt holds the first turn: the prefix cache gave it back
+    second = [line for line in out.splitlines() if "generation: 4 tokens" in line][1]
+    assert " cached)" in second and " 0 cached" not in second
