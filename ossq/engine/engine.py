@@ -145,13 +145,13 @@ class Engine:
         if self.config.max_kv_size is None and total > limit:
             raise PromptTooLong(
                 f"{len(prompt)} prompt tokens + {max_tokens} to generate exceed the model's context of {limit} "
-                "(shorten the prompt or max_tokens, or pass max_kv_size)"
+                "(shorten the prompt or max_tokens, or cap the cache with max_kv_size / --max-kv-size)"
             )
         need = self.scheduler.max_blocks(total)
         if need > self.kv.num_blocks:
             raise PromptTooLong(
                 f"{len(prompt)} prompt tokens + {max_tokens} to generate need {need * BLOCK_TOKENS} KV-cache "
-                f"tokens, but the cache holds {self.kv_cache_tokens} (raise kv_cache_tokens)"
+                f"tokens, but the cache holds {self.kv_cache_tokens} (raise kv_cache_tokens / --kv-cache-tokens)"
             )
 
     def abort(self, request_id: int) -> None:
