@@ -256,8 +256,7 @@ def _add_convert(sub) -> None:
     _add_device(p, "quantize on this device: cpu or cuda[:N] (default: cpu; cuda is faster, same bits)")
 
 
-def _add_bench(sub) -> None:
-    p = _sub(sub, "bench", "batch-1 speed of one or more checkpoints, side by side")
+def _add_models(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "-m",
         "--model",
@@ -266,6 +265,11 @@ def _add_bench(sub) -> None:
         required=True,
         help="checkpoint directory or hub id (repeat to compare)",
     )
+
+
+def _add_bench(sub) -> None:
+    p = _sub(sub, "bench", "batch-1 speed of one or more checkpoints, side by side")
+    _add_models(p)
     p.add_argument("--prompt-tokens", type=_int_in(1), default=90, help="prompt length of the main measurement")
     p.add_argument(
         "--gen-tokens",
@@ -302,14 +306,7 @@ def _add_bench(sub) -> None:
 
 def _add_ppl(sub) -> None:
     p = _sub(sub, "ppl", "perplexity (and KL vs a reference) of one or more checkpoints")
-    p.add_argument(
-        "-m",
-        "--model",
-        dest="models",
-        action="append",
-        required=True,
-        help="checkpoint directory or hub id (repeat to compare)",
-    )
+    _add_models(p)
     p.add_argument(
         "--data",
         default=None,

@@ -102,19 +102,7 @@ class ModelConfig:
         self._validate()
 
     def _validate(self) -> None:
-        for name in (
-            "vocab_size",
-            "hidden_size",
-            "intermediate_size",
-            "num_hidden_layers",
-            "num_attention_heads",
-            "num_key_value_heads",
-            "head_dim",
-            "num_local_experts",
-            "num_experts_per_tok",
-            "sliding_window",
-            "max_position_embeddings",
-        ):
+        for name in (*REQUIRED_KEYS, "num_experts_per_tok", "sliding_window", "max_position_embeddings"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                 raise ConfigError(f"config.json: {name} must be a positive integer, got {value!r}")
