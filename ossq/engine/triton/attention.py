@@ -1,0 +1,181 @@
+"""Paged decode attention with sinks: one query token per sequence over the KV pool (engine/kv.py), GQA,
+sliding or full window (formats.md §4.7 d–e).
+
+Grid (S sequences, K kv heads, splits). A program takes the REP = H/K query heads that share its kv head
+(padded to the 16-row MMA tile, so q·kᵀ and p·v run on the tensor cores) and streams the keys and values
+of its slice of the sequence's visible positions — the last min(length, window) ones — through the block
+table, BLOCK_T positions a step with the next step's loads in flight, with an online softmax.
+Lengths and block tables are read on the device (`Batch.seq_lens`, `Batch.block_tables`); the host only
+sizes the grid from `host_seq_lens`, so nothing is read back.
+
+The sink S_h is one more logit with no value vector: the first split starts its running max at S_h and
+its denominator at exp(S_h − S_h) = 1, which is formats.md §4.7e's `exp(S_h − m)` in the denominator.
+With several splits (long contexts, few sequences) each writes (max, denominator, unnormalised output)
+and `_combine_kernel` merges them.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from ossq.engine.batch import Batch
+from ossq.engine.kv import BLOCK_TOKENS
+
+BLOCK_T = 32  # positions per step (two pool blocks)
+PROGRAMS_PER_SM = 2  # split the sequence until the grid has about this many programs per multiprocessor
+MIN_SPLIT_TOKENS = 256  # …but give each split at least this many positions
+NEG = tl.constexpr(-1.0e30)  # a finite "minus infinity" for the running max, so empty steps never make NaN
+
+
+@triton.jit
+def _kv_tile(k_ptr, v_ptr, table, p0, lo, end, kvh, stride_kr, stride_kh, offs_t, offs_d, d_mask,
+             PAGE: tl.constexpr):  # fmt: skip
+    """Keys and values (BLOCK_T, BLOCK_D) of positions p0 … p0 + BLOCK_T through the block table, zero
+    outside [lo, end) (those positions' blocks are never touched: they may be released)."""
+    pos = p0 + offs_t
+    valid = (pos >= lo) & (pos < end)
+    block = tl.load(table + pos // PAGE, mask=valid, other=0).to(tl.int64)
+    off = (block * PAGE + pos % PAGE)[:, None] * stride_kr + kvh * stride_kh + offs_d[None, :]
+    mask = valid[:, None] & d_mask[None, :]
+    return tl.load(k_ptr + off, mask=mask, other=0), tl.load(v_ptr + off, mask=mask, other=0)
+
+
+@triton.jit
+def _decode_kernel(q_ptr, k_ptr, v_ptr, sinks_ptr, tables_ptr, lens_ptr, out_ptr, ml_ptr, acc_ptr, window,
+                   scale, split_tokens, stride_qs, stride_qh, stride_kr, stride_kh, stride_ts, REP: tl.constexpr,
+                   D: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_T: tl.constexpr,
+                   PAGE: tl.constexpr, HAS_WINDOW: tl.constexpr, ONE_SPLIT: tl.constexpr,
+                   PRECISION: tl.constexpr):  # fmt: skip
+    s = tl.program_id(0)
+    kvh = tl.program_id(1)
+    sp = tl.program_id(2)
+    splits = tl.num_programs(2)
+    H = tl.num_programs(1) * REP
+    length = tl.load(lens_ptr + s)
+    lo = 0
+    if HAS_WINDOW:
+        lo = tl.maximum(length - window, 0)  # the query at length − 1 sees positions > length − 1 − window
+    start = (lo // BLOCK_T) * BLOCK_T + sp * split_tokens
+    end = tl.minimum(start + split_tokens, length)
+
+    offs_r = tl.arange(0, BLOCK_R)  # the query heads of this kv head, padded to the MMA tile
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_t = tl.arange(0, BLOCK_T)
+    r_mask = offs_r < REP
+    d_mask = offs_d < D
+    heads = kvh * REP + offs_r
+    q = tl.load(q_ptr + s * stride_qs + heads[:, None] * stride_qh + offs_d[None, :],
+                mask=r_mask[:, None] & d_mask[None, :], other=0)  # fmt: skip
+    if sp == 0:
+        m = tl.load(sinks_ptr + heads, mask=r_mask, other=0).to(tl.float32)
+        l = tl.full((BLOCK_R,), 1.0, tl.float32)
+    else:
+        m = tl.full((BLOCK_R,), NEG, tl.float32)
+        l = tl.zeros((BLOCK_R,), tl.float32)
+    acc = tl.zeros((BLOCK_R, BLOCK_D), tl.float32)
+    table = tables_ptr + s.to(tl.int64) * stride_ts
+    # a register double buffer: the next step's keys and values are requested before this step's math
+    k, v = _kv_tile(k_ptr, v_ptr, table, start, lo, end, kvh, stride_kr, stride_kh, offs_t, offs_d, d_mask, PAGE)
+    for p0 in range(start, end, BLOCK_T):
+        k_next, v_next = _kv_tile(k_ptr, v_ptr, table, p0 + BLOCK_T, lo, end, kvh, stride_kr, stride_kh, offs_t,
+                                  offs_d, d_mask, PAGE)  # fmt: skip
+        pos = p0 + offs_t
+        scores = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale  # (BLOCK_R, BLOCK_T)
+        scores = tl.where(((pos >= lo) & (pos < end))[None, :], scores, float("-inf"))
+        m_new = tl.maximum(m, tl.max(scores, 1))
+        p = tl.exp(scores - m_new[:, None])
+        alpha = tl.exp(m - m_new)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+        l = l * alpha + tl.sum(p, 1)
+        m = m_new
+        k, v = k_next, v_next
+    o_mask = r_mask[:, None] & d_mask[None, :]
+    if ONE_SPLIT:
+        out = acc / l[:, None]
+        o_ptr = out_ptr + s * stride_qs + heads[:, None] * stride_qh + offs_d[None, :]
+        tl.store(o_ptr, out.to(out_ptr.dtype.element_ty), mask=o_mask)
+    else:
+        row = (s * H + heads) * splits + sp  # partials laid out (S, H, splits, ·)
+        tl.store(ml_ptr + row * 2, m, mask=r_mask)
+        tl.store(ml_ptr + row * 2 + 1, l, mask=r_mask)
+        tl.store(acc_ptr + row[:, None] * D + offs_d[None, :], acc, mask=o_mask)
+
+
+@triton.jit
+def _combine_kernel(ml_ptr, acc_ptr, out_ptr, splits, stride_qs, stride_qh, D: tl.constexpr,
+                    BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr):  # fmt: skip
+    """Grid (S, H): merge the splits' (max, denominator, output) of one head."""
+    s = tl.program_id(0)
+    h = tl.program_id(1)
+    row = (s * tl.num_programs(1) + h) * splits
+    offs_s = tl.arange(0, BLOCK_S)
+    offs_d = tl.arange(0, BLOCK_D)
+    s_mask = offs_s < splits
+    m = tl.load(ml_ptr + (row + offs_s) * 2, mask=s_mask, other=NEG)
+    l = tl.load(ml_ptr + (row + offs_s) * 2 + 1, mask=s_mask, other=0)
+    acc = tl.load(acc_ptr + (row + offs_s)[:, None] * D + offs_d[None, :],
+                  mask=s_mask[:, None] & (offs_d < D)[None, :], other=0)  # fmt: skip
+    w = tl.exp(m - tl.max(m, 0))
+    out = tl.sum(acc * w[:, None], 0) / tl.sum(l * w, 0)
+    tl.store(out_ptr + s * stride_qs + h * stride_qh + offs_d, out.to(out_ptr.dtype.element_ty), mask=offs_d < D)
+
+
+@functools.cache
+def _multiprocessors(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
+
+
+def splits_for(batch: Batch, kv_heads: int, window: int | None, device: torch.device) -> tuple[int, int]:
+    """(splits, positions per split, a multiple of BLOCK_T) for the longest visible span in the step."""
+    span = max(min(n, window) if window else n for n in batch.host_seq_lens) + BLOCK_T  # + the alignment
+    want = triton.cdiv(PROGRAMS_PER_SM * _multiprocessors(device), batch.num_seqs * kv_heads)
+    per = max(triton.cdiv(span, max(want, 1)), MIN_SPLIT_TOKENS)
+    per = triton.cdiv(per, BLOCK_T) * BLOCK_T
+    return triton.cdiv(span, per), per
+
+
+def decode(
+    q: Tensor,
+    k_pool: Tensor,
+    v_pool: Tensor,
+    sinks: Tensor,
+    batch: Batch,
+    *,
+    window: int | None,
+    scale: float,
+    split_tokens: int | None = None,
+) -> Tensor:
+    """q (S, H, D), one query per sequence at position seq_len − 1 → (S, H, D) in q's dtype. Pools
+    (slots, K, D) as engine/kv.py; `split_tokens` (a multiple of BLOCK_T) forces the split size."""
+    S, H, D = q.shape
+    K = k_pool.shape[1]
+    assert S == batch.num_seqs and H % K == 0 and k_pool.stride(2) == 1 and q.stride(2) == 1
+    rep = H // K
+    if split_tokens is None:
+        splits, per = splits_for(batch, K, window, q.device)
+    else:
+        per = split_tokens
+        span = max(min(n, window) if window else n for n in batch.host_seq_lens) + BLOCK_T
+        splits = triton.cdiv(span, per)
+    out = torch.empty_like(q)
+    ml = acc = out
+    if splits > 1:
+        ml = torch.empty(S, H, splits, 2, dtype=torch.float32, device=q.device)
+        acc = torch.empty(S, H, splits, D, dtype=torch.float32, device=q.device)
+    tables = batch.block_tables
+    _decode_kernel[(S, K, splits)](
+        q, k_pool, v_pool, sinks, tables, batch.seq_lens, out, ml, acc, window or 0, float(scale), per,
+        q.stride(0), q.stride(1), k_pool.stride(0), k_pool.stride(1), tables.stride(0),
+        REP=rep, D=D, BLOCK_R=max(16, triton.next_power_of_2(rep)), BLOCK_D=max(16, triton.next_power_of_2(D)),
+        BLOCK_T=BLOCK_T, PAGE=BLOCK_TOKENS, HAS_WINDOW=window is not None, ONE_SPLIT=splits == 1,
+        PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+    )  # fmt: skip
+    if splits > 1:
+        _combine_kernel[(S, H)](ml, acc, out, splits, q.stride(0), q.stride(1), D=D,
+                                BLOCK_D=triton.next_power_of_2(D), BLOCK_S=triton.next_power_of_2(splits))  # fmt: skip
+    return out

@@ -1,0 +1,381 @@
+"""Quantized matmul straight from the stored MLX layout: the packed weight is streamed once and decoded in
+registers, never written out dequantized.
+
+Layouts (formats.md §1.3, §1.7; quant/affine.py, quant/mxfp4.py): a weight row of K elements is K/G groups
+of G; affine codes form one LSB-first bitstream of `bits`-bit codes per row in uint32 words, element
+= scale·q + bias per group (scale may be negative); MXFP4 packs E2M1 nibbles the same way as 4-bit codes
+and shares one E8M0 byte per group of 32, element = E2M1[q]·2^(s−127).
+
+A K step of BLOCK_N rows is decoded to values (rows, groups, G). For bits 2, 4, 8 (and MXFP4) each row's
+words are one contiguous load and `tl.join` spreads each word's codes along in-thread axes, so no data
+moves between threads; for bits 3, 5, 6 codes straddle words and each is read from its bit address (two
+word loads, L1 hits). Per group the matmul is factored as `scale·Σ v·x + bias·Σ x` (formats.md §1.4), so
+the weight is never scaled element by element on the one-row path. Two kernels:
+
+- `_qmv_kernel`: up to REDUCE_MAX_ROWS rows, one program per (row, BLOCK_N outputs, K split), a
+  multiply-and-reduce on the CUDA cores with the next step's loads in flight (a register double buffer);
+- `_qmm_kernel`: more rows, a BLOCK_M × BLOCK_N tile with the weight dequantized in registers and fed to
+  `tl.dot` (tensor cores on the GPU).
+
+Both split K when the output alone gives too few programs to fill the GPU; the last split to finish a tile
+sums the float32 partials (an arrival counter per tile), so a product is always one launch. Everything
+accumulates in float32; the output has x's dtype.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from ossq.quant.spec import QuantSpec
+
+REDUCE_MAX_ROWS = 2  # rows up to which the CUDA-core reduce kernel runs (faster there on the H200), tl.dot beyond
+PROGRAMS_PER_SM = 4  # split K until the grid has about this many programs per multiprocessor
+
+
+@dataclass(frozen=True)
+class Tiles:
+    """Launch shape of one quantized matmul: outputs per program, K per step (a multiple of G), rows per
+    program on the tensor-core path, K splits (None: chosen from the grid), warps and pipeline depth."""
+
+    block_n: int = 16
+    block_k: int = 256
+    block_m: int = 16
+    split_k: int | None = None
+    num_warps: int = 4
+    num_stages: int = 2
+    magic: bool = True  # decode codes through float bits (see _tile) rather than integer conversion
+
+
+# ----------------------------------------------------------------------------------------------- kernels
+
+
+@triton.jit
+def _words(w_ptr, offs_n, n_mask, k0, k_end, stride_wn, BITS: tl.constexpr, BLOCK_K: tl.constexpr):
+    """uint32 words (BN, BLOCK_K·BITS/32) holding elements k0 … k0 + BLOCK_K of rows offs_n (bits 2, 4, 8:
+    whole codes per word), zero past k_end — a contiguous, vectorisable load per row."""
+    P: tl.constexpr = 32 // BITS
+    offs_w = tl.arange(0, BLOCK_K // P)
+    mask = n_mask[:, None] & (k0 + offs_w * P < k_end)[None, :]
+    ptr = w_ptr + offs_n[:, None].to(tl.int64) * stride_wn + (k0 // P + offs_w)[None, :]
+    return tl.load(ptr, mask=mask, other=0).to(tl.uint32, bitcast=True)
+
+
+@triton.jit
+def _spread(w, BITS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Words (BN, W) → int32 codes (BN, BLOCK_K) in element order. Each join adds an in-thread axis
+    (halves, then bytes, nibbles, pairs), so a word's codes stay in the thread that loaded it and the
+    reshapes move no data."""
+    W: tl.constexpr = BLOCK_K * BITS // 32
+    t = tl.join(w, w >> 16)  # (BN, W, 2): element j holds bits 16j…
+    t = tl.reshape(tl.join(t, t >> 8), (BLOCK_N, W, 4))  # bytes
+    if BITS <= 4:
+        t = tl.reshape(tl.join(t, t >> 4), (BLOCK_N, W, 8))
+    if BITS <= 2:
+        t = tl.reshape(tl.join(t, t >> 2), (BLOCK_N, W, 16))
+    return tl.reshape(t & ((1 << BITS) - 1), (BLOCK_N, BLOCK_K)).to(tl.int32)
+
+
+@triton.jit
+def _gather_codes(w_ptr, offs_n, n_mask, k0, k_end, stride_wn, BITS: tl.constexpr, BLOCK_K: tl.constexpr):
+    """int32 codes (BN, BLOCK_K) for bits 3, 5, 6, where codes straddle words: each read from its bit
+    address (two word loads, L1 hits)."""
+    e = k0 + tl.arange(0, BLOCK_K)
+    bit = e * BITS
+    sh = bit & 31
+    spill = sh + BITS > 32
+    ptr = w_ptr + offs_n[:, None].to(tl.int64) * stride_wn + (bit >> 5)[None, :]
+    mask = n_mask[:, None] & (e < k_end)[None, :]
+    lo = tl.load(ptr, mask=mask, other=0).to(tl.uint32, bitcast=True) >> sh.to(tl.uint32)[None, :]
+    hi = tl.load(ptr + 1, mask=mask & spill[None, :], other=0).to(tl.uint32, bitcast=True)
+    hi = hi << ((32 - sh) & 31).to(tl.uint32)[None, :]  # hi is 0 unless the code spills
+    return ((lo | hi) & ((1 << BITS) - 1)).to(tl.int32)
+
+
+@triton.jit
+def _scales(s_ptr, b_ptr, offs_n, n_mask, k0, k_end, stride_sn, G: tl.constexpr, MXFP4: tl.constexpr,
+            BLOCK_K: tl.constexpr):  # fmt: skip
+    """The step's raw per-group scales and biases (BN, BLOCK_K/G), as stored (zero past k_end); MXFP4
+    has no biases and returns its scales twice."""
+    offs_g = tl.arange(0, BLOCK_K // G)
+    mask = n_mask[:, None] & (k0 + offs_g * G < k_end)[None, :]
+    off = offs_n[:, None].to(tl.int64) * stride_sn + (k0 // G + offs_g)[None, :]
+    s = tl.load(s_ptr + off, mask=mask, other=0)
+    if MXFP4:
+        b = s
+    else:
+        b = tl.load(b_ptr + off, mask=mask, other=0)
+    return s, b
+
+
+@triton.jit
+def _values(codes, s, b, BITS: tl.constexpr, G: tl.constexpr, MXFP4: tl.constexpr, MAGIC: tl.constexpr,
+            BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):  # fmt: skip
+    """Codes (BN, BLOCK_K) and raw scales → values v (BN, NGT, G) and float32 scale, bias (BN, NGT) with
+    element = scale·v + bias.
+
+    MAGIC builds v from float bits instead of converting integers: affine v = 1 + q/2^bits (the bits
+    0x3F800000 | q << (23 − bits)), with scale·2^bits and bias − scale·2^bits per group to match; MXFP4
+    v = E2M1[q]·2^−126 (sign, exponent and mantissa bits moved into place; the E2M1 subnormal lands on a
+    float32 subnormal), times 2^126 again."""
+    NGT: tl.constexpr = BLOCK_K // G
+    codes = tl.reshape(codes, (BLOCK_N, NGT, G))
+    if MXFP4:
+        s8 = s.to(tl.int32)
+        # E8M0 byte s → 2^(s−127) from its bits (s = 0: the subnormal 2^−127, as mxfp4._e8m0)
+        scale = tl.where(s8 == 0, 0x00400000, s8 << 23).to(tl.float32, bitcast=True)
+        if MAGIC:
+            bits = ((codes & 7) << 22) | ((codes & 8) << 28)
+            v = bits.to(tl.float32, bitcast=True) * 8.507059173023462e37  # 2^126
+        else:
+            e = (codes >> 1) & 3
+            m = codes & 1
+            twice = tl.where(e == 0, m, (2 + m) << tl.maximum(e - 1, 0))  # 2·|E2M1|: 0, 1, 2, 3, 4, 6, 8, 12
+            v = tl.where((codes & 8) != 0, -twice, twice).to(tl.float32) * 0.5
+        bias = tl.zeros_like(scale)
+    else:
+        scale = s.to(tl.float32)
+        bias = b.to(tl.float32)
+        if MAGIC:
+            v = (0x3F800000 | (codes << (23 - BITS))).to(tl.float32, bitcast=True)
+            scale = scale * (1 << BITS)
+            bias = bias - scale
+        else:
+            v = codes.to(tl.float32)
+    return v, scale, bias
+
+
+@triton.jit
+def _step(w_ptr, s_ptr, b_ptr, offs_n, n_mask, k0, k_end, stride_wn, stride_sn, BITS: tl.constexpr,
+          G: tl.constexpr, MXFP4: tl.constexpr, MAGIC: tl.constexpr, BLOCK_N: tl.constexpr,
+          BLOCK_K: tl.constexpr):  # fmt: skip
+    """One K step of rows offs_n, loaded and decoded: (v, scale, bias) as _values."""
+    if 32 % BITS == 0:
+        codes = _spread(_words(w_ptr, offs_n, n_mask, k0, k_end, stride_wn, BITS, BLOCK_K), BITS, BLOCK_N, BLOCK_K)
+    else:
+        codes = _gather_codes(w_ptr, offs_n, n_mask, k0, k_end, stride_wn, BITS, BLOCK_K)
+    s, b = _scales(s_ptr, b_ptr, offs_n, n_mask, k0, k_end, stride_sn, G, MXFP4, BLOCK_K)
+    return _values(codes, s, b, BITS, G, MXFP4, MAGIC, BLOCK_N, BLOCK_K)
+
+
+@triton.jit
+def _x_tile(x_ptr, k0, k_end, G: tl.constexpr, BLOCK_K: tl.constexpr):
+    """float32 (NGT, G): elements k0 + g·G + j of one activation row, zero past k_end."""
+    NGT: tl.constexpr = BLOCK_K // G
+    offs_g = tl.arange(0, NGT)
+    offs = k0 + offs_g[:, None] * G + tl.arange(0, G)[None, :]
+    return tl.load(x_ptr + offs, mask=(k0 + offs_g * G < k_end)[:, None], other=0).to(tl.float32)
+
+
+@triton.jit
+def _row_dot(v, scale, bias, x, MXFP4: tl.constexpr):
+    """(BN,) float32: Σ over the step of (scale·v + bias)·x, as scale·Σ v·x + bias·Σ x per group."""
+    part = tl.sum(v * x[None, :, :], 2)  # (BN, NGT)
+    acc = tl.sum(part * scale, 1)
+    if not MXFP4:
+        acc += tl.sum(bias * tl.sum(x, 1)[None, :], 1)
+    return acc
+
+
+@triton.jit
+def _row_matvec(x_ptr, w_ptr, s_ptr, b_ptr, offs_n, n_mask, k_start, k_end, stride_wn, stride_sn,
+                BITS: tl.constexpr, G: tl.constexpr, MXFP4: tl.constexpr, BLOCK_N: tl.constexpr,
+                BLOCK_K: tl.constexpr, MAGIC: tl.constexpr):  # fmt: skip
+    """(BLOCK_N,) float32: rows offs_n of W (from the stored layout) times x[k_start:k_end]."""
+    acc = tl.zeros((BLOCK_N,), tl.float32)
+    if 32 % BITS == 0:
+        # a register double buffer: the next step's words and scales are requested before this step's
+        # arithmetic, so each program keeps two steps of loads in flight
+        w = _words(w_ptr, offs_n, n_mask, k_start, k_end, stride_wn, BITS, BLOCK_K)
+        s, b = _scales(s_ptr, b_ptr, offs_n, n_mask, k_start, k_end, stride_sn, G, MXFP4, BLOCK_K)
+        for k0 in range(k_start, k_end, BLOCK_K):
+            w_next = _words(w_ptr, offs_n, n_mask, k0 + BLOCK_K, k_end, stride_wn, BITS, BLOCK_K)
+            s_next, b_next = _scales(s_ptr, b_ptr, offs_n, n_mask, k0 + BLOCK_K, k_end, stride_sn, G, MXFP4, BLOCK_K)
+            v, scale, bias = _values(_spread(w, BITS, BLOCK_N, BLOCK_K), s, b, BITS, G, MXFP4, MAGIC, BLOCK_N,
+                                     BLOCK_K)  # fmt: skip
+            acc += _row_dot(v, scale, bias, _x_tile(x_ptr, k0, k_end, G, BLOCK_K), MXFP4)
+            w, s, b = w_next, s_next, b_next
+    else:
+        for k0 in range(k_start, k_end, BLOCK_K):
+            v, scale, bias = _step(w_ptr, s_ptr, b_ptr, offs_n, n_mask, k0, k_end, stride_wn, stride_sn, BITS, G,
+                                   MXFP4, MAGIC, BLOCK_N, BLOCK_K)  # fmt: skip
+            acc += _row_dot(v, scale, bias, _x_tile(x_ptr, k0, k_end, G, BLOCK_K), MXFP4)
+    return acc
+
+
+@triton.jit
+def _store(acc, offs_m, offs_n, mask, out_ptr, bias_ptr, N, stride_om, HAS_BIAS: tl.constexpr):
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0).to(tl.float32)[None, :]
+    ptr = out_ptr + offs_m[:, None].to(tl.int64) * stride_om + offs_n[None, :]
+    tl.store(ptr, acc.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _epilogue(acc, offs_m, offs_n, mask, out_ptr, part_ptr, ticket_ptr, bias_ptr, tile, sp, splits, M, N,
+              stride_om, HAS_BIAS: tl.constexpr, DIRECT: tl.constexpr):  # fmt: skip
+    """Write the (BM, BN) tile x·Wᵀ + bias. Split K: every split writes its float32 partial, then takes a
+    ticket on the tile's counter; the last to arrive sums the partials, writes the output and resets the
+    counter — one launch, no second pass."""
+    if DIRECT:
+        _store(acc, offs_m, offs_n, mask, out_ptr, bias_ptr, N, stride_om, HAS_BIAS)
+    else:
+        rows = offs_m[:, None].to(tl.int64) * N + offs_n[None, :]
+        tl.store(part_ptr + sp.to(tl.int64) * M * N + rows, acc, mask=mask)
+        tl.debug_barrier()  # all of this program's partial is written before its ticket (acq_rel, gpu scope)
+        ticket = tl.atomic_add(ticket_ptr + tile, 1)
+        if ticket == splits - 1:
+            total = tl.zeros_like(acc)
+            for j in range(0, splits):  # .cg: read the other splits' writes from L2, never a stale L1 line
+                total += tl.load(part_ptr + j * M * N + rows, mask=mask, other=0, cache_modifier=".cg")
+            tl.atomic_xchg(ticket_ptr + tile, 0)
+            _store(total, offs_m, offs_n, mask, out_ptr, bias_ptr, N, stride_om, HAS_BIAS)
+
+
+@triton.jit
+def _qmv_kernel(x_ptr, w_ptr, s_ptr, b_ptr, bias_ptr, out_ptr, part_ptr, ticket_ptr, M, N, K, k_per_split,
+                stride_xm, stride_wn, stride_sn, stride_om, BITS: tl.constexpr, G: tl.constexpr,
+                MXFP4: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                DIRECT: tl.constexpr, MAGIC: tl.constexpr):  # fmt: skip
+    """Grid (M, N tiles, splits): one row times BLOCK_N rows of W over one K split, on the CUDA cores."""
+    m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    sp = tl.program_id(2)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_mask = offs_n < N
+    k_start = sp * k_per_split
+    k_end = tl.minimum(k_start + k_per_split, K)
+    acc = _row_matvec(x_ptr + m.to(tl.int64) * stride_xm, w_ptr, s_ptr, b_ptr, offs_n, n_mask, k_start, k_end,
+                      stride_wn, stride_sn, BITS, G, MXFP4, BLOCK_N, BLOCK_K, MAGIC)  # fmt: skip
+    offs_m = m + tl.arange(0, 1)
+    _epilogue(acc[None, :], offs_m, offs_n, n_mask[None, :], out_ptr, part_ptr, ticket_ptr, bias_ptr,
+              m * tl.num_programs(1) + pid_n, sp, tl.num_programs(2), M, N, stride_om, HAS_BIAS, DIRECT)  # fmt: skip
+
+
+@triton.jit
+def _qmm_kernel(x_ptr, w_ptr, s_ptr, b_ptr, bias_ptr, out_ptr, part_ptr, ticket_ptr, M, N, K, k_per_split,
+                stride_xm, stride_wn, stride_sn, stride_om, BITS: tl.constexpr, G: tl.constexpr,
+                MXFP4: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                BLOCK_K: tl.constexpr, DIRECT: tl.constexpr, MAGIC: tl.constexpr,
+                PRECISION: tl.constexpr):  # fmt: skip
+    """Grid (N tiles, splits, M tiles): a BLOCK_M × BLOCK_N output tile through tl.dot, the weight tile
+    dequantized in registers to x's dtype."""
+    pid_n = tl.program_id(0)
+    sp = tl.program_id(1)
+    pid_m = tl.program_id(2)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    m_mask = offs_m < M
+    n_mask = offs_n < N
+    k_start = sp * k_per_split
+    k_end = tl.minimum(k_start + k_per_split, K)
+    x_rows = x_ptr + offs_m[:, None].to(tl.int64) * stride_xm
+    acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
+    for k0 in range(k_start, k_end, BLOCK_K):
+        v, scale, bias = _step(w_ptr, s_ptr, b_ptr, offs_n, n_mask, k0, k_end, stride_wn, stride_sn, BITS, G,
+                               MXFP4, MAGIC, BLOCK_N, BLOCK_K)  # fmt: skip
+        w = tl.reshape(v * scale[:, :, None] + bias[:, :, None], (BLOCK_N, BLOCK_K))
+        x = tl.load(x_rows + k0 + offs_k[None, :], mask=m_mask[:, None] & (k0 + offs_k < k_end)[None, :], other=0)
+        acc = tl.dot(x, tl.trans(w.to(x.dtype)), acc, input_precision=PRECISION)
+    mask = m_mask[:, None] & n_mask[None, :]
+    _epilogue(acc, offs_m, offs_n, mask, out_ptr, part_ptr, ticket_ptr, bias_ptr, pid_m * tl.num_programs(0) + pid_n,
+              sp, tl.num_programs(1), M, N, stride_om, HAS_BIAS, DIRECT)  # fmt: skip
+
+
+# ----------------------------------------------------------------------------------------------- wrappers
+
+TICKETS = 1 << 16  # split-K arrival counters per device (zero between launches: the last split resets its own)
+
+
+@functools.cache
+def _multiprocessors(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 1  # the interpreter: one "multiprocessor", so no split unless asked for
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+@functools.cache
+def _tickets(device: torch.device) -> Tensor:
+    return torch.zeros(TICKETS, dtype=torch.int32, device=device)
+
+
+LARGE_N = 8448  # outputs from which 16-row programs alone fill the H200 (4 per SM): the lm_head
+
+
+def default_tiles(m: int, n: int, k: int, spec: QuantSpec) -> Tiles:
+    """The launch shape for an (m, k) × (n, k)ᵀ product, the fastest of benchmarks/kernels.py's sweep on
+    the H200 (benchmarks/kernels-h200.md): few rows per program and long K steps for the layer-sized
+    matrices, 16-row programs for the lm_head."""
+    fit = max(spec.group_size, triton.next_power_of_2(k))  # no K step longer than the row
+    if m <= REDUCE_MAX_ROWS:
+        if n >= LARGE_N:
+            return Tiles(block_n=16, block_k=min(512, fit), num_warps=4)
+        return Tiles(block_n=4, block_k=min(1024, fit), num_warps=2)
+    return Tiles(block_n=64, block_k=2 * max(64, spec.group_size), block_m=16 if m <= 16 else 32, num_warps=4)
+
+
+def _split(tiles_count: int, k: int, tiles: Tiles, device: torch.device) -> tuple[int, int]:
+    """(splits, K per split): split K while the grid has fewer than PROGRAMS_PER_SM programs per SM (and
+    the output tiles fit the arrival counters)."""
+    k_steps = triton.cdiv(k, tiles.block_k)
+    want = tiles.split_k or triton.cdiv(PROGRAMS_PER_SM * _multiprocessors(device), tiles_count)
+    if tiles_count > TICKETS:
+        want = 1
+    per_split = triton.cdiv(k_steps, max(1, min(want, k_steps))) * tiles.block_k
+    return triton.cdiv(k, per_split), per_split
+
+
+def check_layout(w: Tensor, scales: Tensor, biases: Tensor | None, spec: QuantSpec, k: int) -> None:
+    """Assert our own invariant: the stored tensors are contiguous (…, N, ·) rows of a K-wide weight."""
+    assert w.is_contiguous() and scales.is_contiguous(), "quantized weights must be contiguous"
+    assert w.shape[-1] * 32 == k * spec.bits and scales.shape[-1] * spec.group_size == k, (w.shape, k, spec)
+    assert biases is None or biases.shape == scales.shape
+
+
+def qmm(
+    x: Tensor,
+    weight: Tensor,
+    scales: Tensor,
+    biases: Tensor | None,
+    bias: Tensor | None,
+    spec: QuantSpec,
+    *,
+    tiles: Tiles | None = None,
+) -> Tensor:
+    """x (M, K) float × stored W (N, K) → (M, N) in x's dtype: x Wᵀ + bias, decoding W in registers; one
+    launch. `weight` uint32/int32 (N, K·bits/32); `scales` (N, K/G) (uint8 E8M0 for MXFP4); `biases` like
+    scales (affine only); `bias` (N,) or None."""
+    x = x.contiguous()
+    M, K = x.shape
+    N = weight.shape[0]
+    check_layout(weight, scales, biases, spec, K)
+    tiles = tiles or default_tiles(M, N, K, spec)
+    assert tiles.block_k % spec.group_size == 0
+    reduce = M <= REDUCE_MAX_ROWS
+    row_tiles = M if reduce else triton.cdiv(M, tiles.block_m)
+    n_tiles = triton.cdiv(N, tiles.block_n)
+    splits, per_split = _split(row_tiles * n_tiles, K, tiles, x.device)
+    direct = splits == 1
+    out = torch.empty(M, N, dtype=x.dtype, device=x.device)
+    part = out if direct else torch.empty(splits, M, N, dtype=torch.float32, device=x.device)
+    tickets = out if direct else _tickets(x.device)
+    w32 = weight.view(torch.int32)
+    b_arg = scales if biases is None else biases
+    bias_arg = bias if bias is not None else scales
+    args = (x, w32, scales, b_arg, bias_arg, out, part, tickets, M, N, K, per_split, x.stride(0), w32.stride(0),
+            scales.stride(0), out.stride(0))  # fmt: skip
+    common = dict(BITS=spec.bits, G=spec.group_size, MXFP4=spec.mode == "mxfp4", HAS_BIAS=bias is not None,
+                  BLOCK_N=tiles.block_n, BLOCK_K=tiles.block_k, DIRECT=direct, MAGIC=tiles.magic,
+                  num_warps=tiles.num_warps, num_stages=tiles.num_stages)  # fmt: skip
+    if reduce:
+        _qmv_kernel[(M, n_tiles, splits)](*args, **common)
+    else:
+        precision = "ieee" if x.dtype == torch.float32 else "tf32"
+        _qmm_kernel[(n_tiles, splits, row_tiles)](*args, BLOCK_M=tiles.block_m, PRECISION=precision, **common)
+    return out

@@ -1,0 +1,299 @@
+"""The Triton ops against their torch twin (TorchOps), at awkward shapes: one row, odd row counts, outputs
+that are not a multiple of the tile, every bits × group size and MXFP4, split K, expert stacks with
+experts no token picks, sequences of different lengths across block and window edges, released blocks;
+and end to end, a quantized model through the engine gives TorchOps' greedy tokens and logits.
+
+Without a GPU the kernels run in Triton's CPU interpreter in float32 (its bfloat16 arithmetic is broken,
+shared spec offline.md §5); on a GPU in bfloat16 against a float32 reference.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # read when the kernels are decorated, so before import
+pytest.importorskip("triton")
+pytest.importorskip("numpy")  # the interpreter needs it and triton does not declare it
+
+from collections import Counter  # noqa: E402
+from types import SimpleNamespace  # noqa: E402
+
+from ossq.engine.batch import Batch, SeqChunk  # noqa: E402
+from ossq.engine.engine import Engine, EngineConfig  # noqa: E402
+from ossq.engine.kv import BLOCK_TOKENS  # noqa: E402
+from ossq.engine.model import GptOss, Linear  # noqa: E402
+from ossq.engine.ops import TorchOps, select_ops  # noqa: E402
+from ossq.engine.triton import attention, moe, qmm  # noqa: E402
+from ossq.engine.triton.ops import MOE_MAX_PAIRS, TritonOps  # noqa: E402
+from ossq.quant import affine, mxfp4  # noqa: E402
+from ossq.quant.spec import QuantSpec  # noqa: E402
+from tests.conftest import random_model, small_config  # noqa: E402
+
+CUDA = torch.cuda.is_available()
+DEVICE = torch.device("cuda" if CUDA else "cpu")
+DTYPE = torch.bfloat16 if CUDA else torch.float32
+TOL = 1e-2 if CUDA else 1e-5  # ‖out − ref‖ / ‖ref‖ against a float32 reference
+SPECS = [QuantSpec(b, g) for b in affine.BITS for g in affine.GROUP_SIZES] + [QuantSpec(4, 32, "mxfp4")]
+REF = TorchOps()
+
+
+def spec_id(spec: QuantSpec) -> str:
+    return "mxfp4" if spec.mode == "mxfp4" else f"{spec.bits}b-g{spec.group_size}"
+
+
+def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    assert out.shape == ref.shape and torch.isfinite(out).all()
+    return ((out.float() - ref.float()).norm() / ref.float().norm()).item()
+
+
+def quantized(spec: QuantSpec | None, lead: tuple[int, ...], n: int, k: int, *, bias: bool, seed: int):
+    """A random linear (stack) in the stored layout, as a QuantizedWeight, on DEVICE in DTYPE."""
+    gen = torch.Generator(DEVICE).manual_seed(seed)
+    w = torch.randn(*lead, n, k, generator=gen, device=DEVICE) * k**-0.5
+    b = 0.1 * torch.randn(*lead, n, generator=gen, device=DEVICE) if bias else None
+    weight, scales, biases = w, None, None
+    if spec is not None and spec.mode == "mxfp4":
+        weight, scales = mxfp4.quantize(w)
+    elif spec is not None:
+        weight, scales, biases = affine.quantize(w.to(DTYPE), bits=spec.bits, group_size=spec.group_size)
+
+    def put(t):
+        return None if t is None else t.to(DEVICE, DTYPE if t.is_floating_point() else t.dtype)
+
+    return SimpleNamespace(spec=spec, weight=put(weight), scales=put(scales), biases=put(biases), bias=put(b))
+
+
+def as_float(lin) -> SimpleNamespace:
+    """The same stored weight with float32 scales, biases and bias: the reference's upcast inputs."""
+
+    def up(t):
+        return None if t is None or not t.is_floating_point() else t.float()
+
+    scales = lin.scales if lin.spec is not None and lin.spec.mode == "mxfp4" else up(lin.scales)
+    return SimpleNamespace(spec=lin.spec, weight=lin.weight, scales=scales, biases=up(lin.biases), bias=up(lin.bias))
+
+
+def activations(*shape: int, seed: int) -> torch.Tensor:
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed)).to(DEVICE, DTYPE)
+
+
+# ------------------------------------------------------------------------------------------ quantized matmul
+
+
+@pytest.mark.parametrize("spec", SPECS, ids=spec_id)
+def test_qmm_equals_the_dequantized_matmul_for_every_bits_and_group_size(spec):
+    # K = 384: three g128 groups, one and a half 256-wide steps (the last step half masked); N = 37 rows.
+    for rows, bias in [(1, True), (5, False)]:  # the reduce kernel and the tensor-core kernel
+        lin = quantized(spec, (), 37, 384, bias=bias, seed=spec.bits * 1000 + spec.group_size)
+        x = activations(rows, 384, seed=rows)
+        out = qmm.qmm(x, lin.weight, lin.scales, lin.biases, lin.bias, spec)
+        assert out.dtype == x.dtype
+        assert rel_err(out, REF.linear(x.float(), as_float(lin))) < TOL, (rows, bias)
+
+
+@pytest.mark.parametrize("spec", [QuantSpec(4, 64), QuantSpec(5, 32), QuantSpec(4, 32, "mxfp4")], ids=spec_id)
+@pytest.mark.parametrize("rows", [1, 2, 17, 64])
+def test_qmm_split_k_and_tile_edges(spec, rows):
+    # N = 33 (one full 16-row tile + 1), K = 320 split three ways: splits of unequal length. Odd row
+    # counts decode the codes by integer conversion, even ones through float bits (Tiles.magic).
+    for n, split, bias in [(33, 3, True), (1, 2, False), (70, 1, True)]:
+        lin = quantized(spec, (), n, 320, bias=bias, seed=rows + n)
+        x = activations(rows, 320, seed=rows)
+        block_m = 16 if rows <= 16 else 64
+        tiles = qmm.Tiles(block_n=16, block_k=64, block_m=block_m, split_k=split, magic=rows % 2 == 0)
+        out = qmm.qmm(x, lin.weight, lin.scales, lin.biases, lin.bias, spec, tiles=tiles)
+        assert rel_err(out, REF.linear(x.float(), as_float(lin))) < TOL, (n, split)
+
+
+def test_triton_linear_keeps_leading_axes_and_falls_back_beyond_the_gemv_rows():
+    ops, spec = TritonOps(), QuantSpec(4, 32)
+    lin = quantized(spec, (), 24, 64, bias=True, seed=7)
+    x = activations(2, 3, 64, seed=3)
+    assert rel_err(ops.linear(x, lin), REF.linear(x.float(), as_float(lin))) < TOL
+    big = activations(65, 64, seed=4)  # beyond GEMV_MAX_ROWS: the reference path, exactly
+    assert torch.equal(ops.linear(big, lin), REF.linear(big, lin))
+    plain = quantized(None, (), 24, 64, bias=True, seed=8)  # unquantized: F.linear
+    assert torch.equal(ops.linear(x, plain), REF.linear(x, plain))
+
+
+@pytest.mark.skipif(not CUDA, reason="20b shapes are too large for the interpreter")
+@pytest.mark.parametrize("spec", [QuantSpec(4, 64), QuantSpec(8, 64), QuantSpec(4, 32, "mxfp4")], ids=spec_id)
+def test_qmm_at_20b_shapes(spec):
+    for n, rows in [(5760, 1), (2880, 1), (50_003, 1), (2880, 7), (5120, 64)]:  # 50,003: an lm_head-like edge
+        lin = quantized(spec, (), n, 2880, bias=n != 50_003, seed=n)
+        x = activations(rows, 2880, seed=rows)
+        assert rel_err(qmm.qmm(x, lin.weight, lin.scales, lin.biases, lin.bias, spec),
+                       REF.linear(x.float(), as_float(lin))) < TOL, (n, rows)  # fmt: skip
+
+
+# ------------------------------------------------------------------------------------------ mixture of experts
+
+
+def moe_weights(gate_up: QuantSpec | None, down: QuantSpec | None, *, experts: int, hidden: int, inter: int):
+    make = quantized
+    return SimpleNamespace(
+        router=make(QuantSpec(8, 32), (), experts, hidden, bias=True, seed=1),
+        experts=SimpleNamespace(
+            gate_proj=make(gate_up, (experts,), inter, hidden, bias=True, seed=2),
+            up_proj=make(gate_up, (experts,), inter, hidden, bias=True, seed=3),
+            down_proj=make(down, (experts,), hidden, inter, bias=True, seed=4),
+        ),
+    )
+
+
+def float_moe(mlp) -> SimpleNamespace:
+    e = mlp.experts
+    return SimpleNamespace(
+        router=as_float(mlp.router),
+        experts=SimpleNamespace(gate_proj=as_float(e.gate_proj), up_proj=as_float(e.up_proj),
+                                down_proj=as_float(e.down_proj)),
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "gate_up, down, inter",
+    [
+        (QuantSpec(4, 32, "mxfp4"), QuantSpec(4, 32, "mxfp4"), 96),
+        (QuantSpec(4, 64), QuantSpec(4, 64), 128),
+        (QuantSpec(6, 32), QuantSpec(3, 32), 96),  # straddling codes; down stored unlike gate/up
+    ],
+    ids=["mxfp4", "4b-g64", "6b-3b"],
+)
+@pytest.mark.parametrize("tokens", [1, 3])
+def test_moe_decode_equals_the_reference(gate_up, down, inter, tokens):
+    # 6 experts, top 2 of them: most experts are hit by no token; the pairs read only their own expert.
+    mlp = moe_weights(gate_up, down, experts=6, hidden=64, inter=inter)
+    x = activations(tokens, 64, seed=tokens)
+    kw = dict(top_k=2, limit=7.0, alpha=1.702)
+    out = TritonOps().moe(x, mlp, **kw)
+    ref = REF.moe(x.float(), float_moe(mlp), **kw)
+    assert out.dtype == x.dtype and rel_err(out, ref) < TOL
+
+
+def test_moe_beyond_the_gathered_pairs_takes_the_grouped_reference_path():
+    mlp = moe_weights(QuantSpec(4, 32, "mxfp4"), QuantSpec(4, 32, "mxfp4"), experts=4, hidden=64, inter=64)
+    x = activations(MOE_MAX_PAIRS // 2 + 1, 64, seed=0)
+    kw = dict(top_k=2, limit=7.0, alpha=1.702)
+    assert rel_err(TritonOps().moe(x, mlp, **kw), REF.moe(x.float(), float_moe(mlp), **kw)) < TOL
+
+
+# ------------------------------------------------------------------------------------------ decode attention
+
+LENGTHS = [1, 15, 16, 17, 40, 129]  # one token; block edges; past a 33-token window; 9 blocks
+
+
+def decode_batch(lengths: list[int], *, release_before: int | None = None, seed: int = 0):
+    """One decode token per sequence, its blocks scattered over a shuffled pool; with `release_before`,
+    blocks wholly before each sequence's last `release_before` positions are released (−1)."""
+    need = [-(-n // BLOCK_TOKENS) for n in lengths]
+    perm = torch.randperm(sum(need) + 3, generator=torch.Generator().manual_seed(seed)).tolist()
+    chunks, used = [], 0
+    for n, b in zip(lengths, need, strict=True):
+        table = perm[used : used + b]
+        used += b
+        if release_before is not None:
+            first = max(0, n - release_before) // BLOCK_TOKENS
+            table = [-1] * first + table[first:]
+        chunks.append(SeqChunk([0], n - 1, table))
+    return Batch.build(chunks, device=DEVICE), sum(need) + 3
+
+
+@pytest.mark.parametrize("window", [None, 8, 16, 33])
+@pytest.mark.parametrize("split_tokens", [None, 32, 64])
+def test_decode_attention_equals_the_reference(window, split_tokens):
+    H, K, D = 6, 2, 16  # three query heads per kv head (not a power of two)
+    batch, blocks = decode_batch(LENGTHS, release_before=window, seed=window or 0)
+    k_pool = activations(blocks * BLOCK_TOKENS, K, D, seed=1)
+    v_pool = activations(blocks * BLOCK_TOKENS, K, D, seed=2)
+    q, sinks = activations(len(LENGTHS), H, D, seed=3), activations(H, seed=4)
+    out = attention.decode(q, k_pool, v_pool, sinks, batch, window=window, scale=0.3, split_tokens=split_tokens)
+    ref = REF.attention(q.float(), k_pool.float(), v_pool.float(), sinks.float(), batch, window=window, scale=0.3)
+    assert out.dtype == q.dtype and rel_err(out, ref) < TOL
+
+
+def test_attention_with_a_prefill_chunk_takes_the_reference_path():
+    chunks = [SeqChunk([1, 2, 3], 0, [0]), SeqChunk([4], 20, [1, 2])]
+    batch = Batch.build(chunks, device=DEVICE)
+    pools = [activations(3 * BLOCK_TOKENS, 2, 16, seed=s) for s in (1, 2)]
+    q, sinks = activations(4, 4, 16, seed=3), activations(4, seed=4)
+    args = (q, *pools, sinks, batch)
+    assert torch.equal(TritonOps().attention(*args, window=8, scale=0.25), REF.attention(*args, window=8, scale=0.25))
+
+
+# ------------------------------------------------------------------------------------------ end to end
+
+
+def quantized_model(source: GptOss, specs: dict[str, QuantSpec], ops) -> GptOss:
+    """`source`'s weights stored as `specs` say (MLX layout), in a float32 GptOss on DEVICE that runs on `ops`."""
+    model = GptOss(source.config, specs, dtype=torch.float32, ops=ops).eval()
+    src = dict(source.named_buffers())
+    with torch.no_grad():
+        for name, buf in model.named_buffers():
+            if not name.endswith(("weight", "scales", "biases")) or name.rsplit(".", 1)[0] not in specs:
+                buf.copy_(src[name])
+        for path, spec in specs.items():
+            mod: Linear = model.get_submodule(path)
+            w = src[f"{path}.weight"]
+            if spec.mode == "mxfp4":
+                for buf, t in zip((mod.weight, mod.scales), mxfp4.quantize(w), strict=True):
+                    buf.copy_(t)
+            else:
+                stored = affine.quantize(w, bits=spec.bits, group_size=spec.group_size)
+                for buf, t in zip((mod.weight, mod.scales, mod.biases), stored, strict=True):
+                    buf.copy_(t)
+    return model.to(DEVICE)
+
+
+def e2e_specs(model: GptOss) -> dict[str, QuantSpec]:
+    """MXFP4 experts, 8-bit routers, 6-bit attention (straddling codes), 4-bit g64 lm_head; the embedding
+    stays float."""
+    specs = {"lm_head": QuantSpec(4, 64)}
+    for i in range(model.config.num_hidden_layers):
+        p = f"model.layers.{i}"
+        specs |= {f"{p}.mlp.experts.{n}": QuantSpec(4, 32, "mxfp4") for n in ("gate_proj", "up_proj", "down_proj")}
+        specs |= {f"{p}.self_attn.{n}": QuantSpec(6, 32) for n in ("q_proj", "k_proj", "v_proj", "o_proj")}
+        specs[f"{p}.mlp.router"] = QuantSpec(8, 32)
+    return specs
+
+
+def generate(model: GptOss, prompts: list[list[int]], max_tokens: int) -> tuple[list[list[int]], torch.Tensor]:
+    engine = Engine(model, EngineConfig(kv_cache_tokens=256, prefix_cache=False))
+    ids = [engine.add_request(p, max_tokens=max_tokens, logits_from=len(p) - 1) for p in prompts]
+    tokens: dict[int, list[int]] = {i: [] for i in ids}
+    logits: dict[int, list[torch.Tensor]] = {i: [] for i in ids}
+    while engine.has_unfinished:
+        for out in engine.step():
+            if out.token is not None:
+                tokens[out.request_id].append(out.token)
+            if out.logits is not None:
+                logits[out.request_id].append(out.logits.float().cpu())
+    return [tokens[i] for i in ids], torch.cat([torch.cat(logits[i]) for i in ids])
+
+
+def test_quantized_model_through_the_engine_matches_torch_ops(monkeypatch):
+    # float32 on the GPU too, so that greedy ties cannot flip; bfloat16 is the op tests' business
+    calls: Counter[str] = Counter()
+    for module, name in [(qmm, "qmm"), (moe, "experts"), (attention, "decode")]:
+        monkeypatch.setattr(module, name, counted(getattr(module, name), name, calls))
+    source = random_model(small_config(num_hidden_layers=2))  # one sliding and one full layer
+    specs = e2e_specs(source)
+    # three sequences decode together; the second runs past the 8-token window
+    prompts = [[5, 9, 200, 7, 1], list(range(30, 42)), [100, 101, 102]]
+    ref_tokens, ref_logits = generate(quantized_model(source, specs, TorchOps()), prompts, max_tokens=4)
+    assert not calls
+    tokens, logits = generate(quantized_model(source, specs, select_ops("triton")), prompts, max_tokens=4)
+    assert tokens == ref_tokens
+    assert rel_err(logits, ref_logits) < 1e-4
+    assert calls["qmm"] and calls["experts"] and calls["decode"]  # the decode steps ran the kernels
+
+
+def counted(fn, name: str, calls: Counter):
+    def wrapper(*args, **kwargs):
+        calls[name] += 1
+        return fn(*args, **kwargs)
+
+    return wrapper
