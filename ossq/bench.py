@@ -17,7 +17,8 @@ Method (docs/measure.md):
 - `warmup` runs are discarded; each figure is the median of `repeats` runs, min and max kept.
   prompt tok/s = prompt_tokens / TTFT; generation tok/s = (gen_tokens − 1) / decode time.
 - Peak memory: on CUDA `torch.cuda.max_memory_allocated`, reset before the model is loaded (so it
-  includes the weights); on CPU the process's peak RSS (reset per model where Linux allows it).
+  includes the weights and the KV pool); on CPU the process's peak RSS (reset per model where Linux
+  allows it). Unless `kv_cache_tokens` is given, the pool holds just what the largest measurement needs.
 - A context length c runs the same measurement with a c-token prompt, so the decode steps attend over a
   c-token cache; `context` lengths become table columns, `sweep_context` lengths a line plot.
 """
@@ -38,6 +39,7 @@ import torch
 from ossq.device import MemoryMeter, resolve_device
 from ossq.engine.engine import Engine, EngineConfig
 from ossq.engine.generate import load
+from ossq.engine.kv import BLOCK_TOKENS, blocks_for
 from ossq.errors import InvalidArgument, OssqError
 from ossq.formats.hf import Checkpoint
 from ossq.quant.recipe import Plan, Recipe
@@ -389,6 +391,14 @@ def _at_batch(engine: Engine, size: int, job: _Job, name: str) -> BatchStats | s
         return _describe(e)
 
 
+def _kv_tokens_needed(prompt_tokens: int, gen_tokens: int, lengths: Sequence[int], sizes: Sequence[int]) -> int:
+    """A KV pool just large enough for the largest measurement, so peak memory shows what a run needs
+    (the engine's default would take most of the GPU's memory whatever the model)."""
+    longest = max([prompt_tokens, *lengths]) + gen_tokens
+    batch = max([1, *sizes]) * (blocks_for(prompt_tokens + gen_tokens) + 1) * BLOCK_TOKENS
+    return max(blocks_for(longest) * BLOCK_TOKENS, batch)
+
+
 def _describe(e: BaseException) -> str:
     text = str(e).strip().splitlines()[0] if str(e).strip() else ""
     return f"{type(e).__name__}: {text}" if text else type(e).__name__
@@ -446,7 +456,8 @@ def bench(
     checkpoints = [Checkpoint(m) for m in models]  # a bad path or config fails here, before any work
     console = _console() if progress else None
     lengths = sorted(set(context) | set(sweep_context))
-    engine = EngineConfig(kv_cache_tokens=kv_cache_tokens, max_num_seqs=max([1, *sizes]), prefix_cache=False)
+    kv_tokens = kv_cache_tokens or _kv_tokens_needed(prompt_tokens, gen_tokens, lengths, sizes)
+    engine = EngineConfig(kv_cache_tokens=kv_tokens, max_num_seqs=max([1, *sizes]), prefix_cache=False)
     log = console.log if console else _quiet
     job = _Job(prompt_tokens, gen_tokens, lengths, sizes, repeats, warmup, seed, dev, engine, ops, log)
     settings = {
@@ -458,7 +469,7 @@ def bench(
         "repeats": repeats,
         "warmup": warmup,
         "seed": seed,
-        "kv_cache_tokens": kv_cache_tokens or "default",
+        "kv_cache_tokens": kv_tokens,
         "ops": ops or "default",
         "prompt": "seeded random ordinary-token ids",
         "sampling": "greedy, no stop tokens",

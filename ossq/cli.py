@@ -169,15 +169,22 @@ def _add_sampling(p: argparse.ArgumentParser) -> None:
     )
 
 
-def _add_engine(p: argparse.ArgumentParser, *, prefix_cache: bool = True) -> None:
-    """The engine's flags (docs/engine.md)."""
+def _add_engine(
+    p: argparse.ArgumentParser,
+    *,
+    prefix_cache: bool = True,
+    max_num_seqs: bool = True,
+    kv_default: str = "most of the free GPU memory, or 32768 on CPU",
+) -> None:
+    """The engine's flags (docs/engine.md); bench sets the prefix cache and sequence count itself."""
     p.add_argument(
         "--kv-cache-tokens",
         type=_int_in(16, note=" (one 16-token block)"),
         default=None,
-        help="tokens the paged KV pool holds (default: most of the free GPU memory, or 32768 on CPU)",
+        help=f"tokens the paged KV pool holds (default: {kv_default})",
     )
-    p.add_argument("--max-num-seqs", type=_int_in(1), default=64, help="sequences run at once, at most")
+    if max_num_seqs:
+        p.add_argument("--max-num-seqs", type=_int_in(1), default=64, help="sequences run at once, at most")
     if prefix_cache:
         p.add_argument(
             "--no-prefix-cache",
@@ -300,7 +307,7 @@ def _add_bench(sub) -> None:
     p.add_argument("--warmup", type=_int_in(0), default=1, help="untimed runs before them")
     _add_device(p)
     p.add_argument("--seed", type=_seed, default=0, help="seed of the random prompt tokens")
-    _add_engine(p, prefix_cache=False)
+    _add_engine(p, prefix_cache=False, max_num_seqs=False, kv_default="what the largest measurement needs")
     _add_outputs(p)
 
 
