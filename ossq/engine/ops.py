@@ -26,8 +26,8 @@ from torch import Tensor
 from ossq.engine.batch import Batch
 from ossq.engine.kv import BLOCK_TOKENS, blocks_for
 from ossq.errors import OssqError
-from ossq.formats.mlx import QuantSpec
 from ossq.quant import affine, mxfp4
+from ossq.quant.spec import QuantSpec
 
 # Up to this many (token, expert) pairs the reference MoE gathers one expert matrix per pair (no host
 # sync, memory ∝ pairs); beyond, it dequantizes each hit expert once and runs its tokens together.
@@ -241,8 +241,9 @@ OPS = {
 
 
 def default_ops(device: torch.device) -> str:
-    """The implementation a device runs when none is named."""
-    return "torch"
+    """The implementation a device runs when none is named: the CPU re-lays quantized weights (engine/
+    cpu_ops.py; in float32 its outputs equal TorchOps's to rounding), CUDA keeps the reference for now."""
+    return "cpu" if device.type == "cpu" else "torch"
 
 
 def select_ops(name: str | None = None, device: torch.device | None = None) -> Ops:
