@@ -295,3 +295,14 @@ def test_a_cuda_decode_step_of_forward_and_sampling_runs_under_sync_debug_mode_e
             engine._sample(model(batch, engine.kv), planned)
     finally:
         torch.cuda.set_sync_debug_mode("default")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_a_cuda_engine_gives_the_cpu_engines_tokens(model):
+    """Through `step`, whose token read on CUDA is a non-blocking copy that the bookkeeping overlaps."""
+    requests = [{"prompt": prompt(20 + 9 * i, seed=60 + i), "max_tokens": 12} for i in range(4)]
+    on_cpu = run(Engine(model, EngineConfig(kv_cache_tokens=1024)), requests)
+    on_gpu = run(Engine(random_model().cuda(), EngineConfig(kv_cache_tokens=1024)), requests)
+    for i in range(len(requests)):
+        assert on_gpu[i]["tokens"] == on_cpu[i]["tokens"]
+        assert (on_gpu[i]["logits"].cpu() - on_cpu[i]["logits"]).abs().max() < 1e-3

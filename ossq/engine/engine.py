@@ -183,8 +183,10 @@ class Engine:
         batch = self._batch(plan)
         logits = self.model(batch, self.kv)
         samplers = [p for p in plan if p.samples]
-        tokens = self._sample(logits, samplers).tolist() if samplers else []  # the step's one device read
-        for p, token in zip(samplers, tokens, strict=True):
+        reading = _TokenRead(self._sample(logits, samplers)) if samplers else None  # the step's one device read
+        for p in plan:  # the bookkeeping that needs no sampled token overlaps the read
+            self.scheduler.commit(p.req, p.end - p.start)
+        for p, token in zip(samplers, reading.tokens() if reading else [], strict=True):
             p.token = token
         outputs = [self._update(p, logits) for p in plan]
         for out in outputs:
@@ -240,9 +242,8 @@ class Engine:
         return sample(logits[rows], params, seeds=seeds, counters=counters, recent=_recent(reqs, device))
 
     def _update(self, p: _Planned, logits: torch.Tensor) -> StepOutput:
-        """Book the step for one request: written positions, the sampled token, stop or length."""
+        """Book the step for one request (its positions are committed): the sampled token, stop or length."""
         req, stats, now = p.req, self.stats, time.perf_counter()
-        self.scheduler.commit(req, p.end - p.start)
         stats.computed_tokens += p.end - p.start
         wanted = req.logits_from is not None and p.num_rows
         scores = logits[p.first_row : p.first_row + p.num_rows] if wanted else None
@@ -259,6 +260,24 @@ class Engine:
             if req.finish_reason:
                 self.scheduler.finish(req)
         return StepOutput(req.id, p.token, req.finish_reason, scores, p.logits_start)
+
+
+class _TokenRead:
+    """The sampled tokens on their way to the host. On CUDA the copy goes to pinned memory without
+    blocking, so the host can book the step while it lands; `tokens` waits for it."""
+
+    def __init__(self, sampled: torch.Tensor) -> None:
+        self.sampled, self.done = sampled, None
+        if sampled.device.type == "cuda":
+            self.sampled = torch.empty(sampled.shape, dtype=sampled.dtype, pin_memory=True)
+            self.sampled.copy_(sampled, non_blocking=True)
+            self.done = torch.cuda.Event()
+            self.done.record()
+
+    def tokens(self) -> list[int]:
+        if self.done is not None:
+            self.done.synchronize()
+        return self.sampled.tolist()
 
 
 @dataclass(eq=False)
