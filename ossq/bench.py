@@ -26,7 +26,6 @@ Method (docs/measure.md):
 from __future__ import annotations
 
 import gc
-import re
 import statistics
 import time
 from collections.abc import Callable, Sequence
@@ -42,12 +41,12 @@ from ossq.engine.generate import load
 from ossq.engine.kv import BLOCK_TOKENS, blocks_for
 from ossq.errors import InvalidArgument, OssqError
 from ossq.formats.hf import Checkpoint
+from ossq.lengths import length_label, parse_lengths
 from ossq.quant.recipe import Plan, Recipe
 from ossq.quant.spec import QuantSpec
 from ossq.report import Metric, Report, Series, model_names, print_report, pyplot, system_info, write_files
 from ossq.tokenizer import N_RANKS
 
-LENGTH_RE = re.compile(r"(\d+)([kK]?)")
 # What a failing model raises: our designed errors, missing files, CUDA out-of-memory (a RuntimeError).
 MODEL_ERRORS = (OssqError, OSError, RuntimeError, ValueError)
 
@@ -185,11 +184,6 @@ def _points(m: ModelBench, lengths: list[int], rate: Callable[[RunStats], Spread
 
 
 # ---- report rows -----------------------------------------------------------------------------------------
-def length_label(n: int) -> str:
-    """1024 → "1k", 1000 → "1000": the inverse of `parse_lengths` for display."""
-    return f"{n // 1024}k" if n % 1024 == 0 else str(n)
-
-
 def _metrics(context: Sequence[int], batch: Sequence[int]) -> list[Metric]:
     metrics = [
         Metric("prompt_tps", "prompt", "tok/s", True, "{:,.1f}"),
@@ -245,20 +239,6 @@ def _row(m: ModelBench, context: Sequence[int], batch: Sequence[int]) -> dict[st
 
 
 # ---- measuring ---------------------------------------------------------------------------------------------
-def parse_lengths(text: str | Sequence[int | str] | None) -> list[int]:
-    """ "1k,4k,16k" (k = 1024) or a list of ints/strings → [1024, 4096, 16384]; None → []."""
-    if text is None:
-        return []
-    parts = (text if isinstance(text, str) else ",".join(map(str, text))).split(",")
-    out = []
-    for part in parts:
-        m = LENGTH_RE.fullmatch(str(part).strip())
-        if m is None or int(m.group(1)) == 0:
-            raise ValueError(f"bad length {part!r}: use a positive token count like 2048 or 2k (k = 1024)")
-        out.append(int(m.group(1)) * (1024 if m.group(2) else 1))
-    return out
-
-
 def prompt_ids(n: int, *, vocab_size: int, seed: int) -> list[int]:
     """`n` ordinary-token ids (below 199998 and the vocabulary), the same for the same (n, vocab, seed)."""
     gen = torch.Generator().manual_seed(seed)

@@ -23,6 +23,7 @@ from pathlib import Path
 
 from ossq import __version__
 from ossq.errors import InvalidArgument, OssqError
+from ossq.lengths import parse_lengths
 
 REASONING_EFFORTS = ("low", "medium", "high")
 # Python parameter → flag, where the flag is not simply "--" + the name with dashes.
@@ -38,7 +39,6 @@ PARAM_FLAGS = {
 }
 SEED_RANGE = (-(2**63), 2**63 - 1)  # what SamplingParams and torch generators accept
 WRITERS = ("convert", "synth")  # commands that publish a directory; they also take SIGINT as a stop signal
-LENGTH_RE = re.compile(r"(\d+)([kK]?)")
 
 
 # ---- flag types: argparse calls them; their errors name the flag --------------------------------------
@@ -79,13 +79,12 @@ def _seed(text: str) -> int:
 
 def _lengths(text: str) -> list[int]:
     """ "2k" or "1k,4k" (k = 1024) → [2048] or [1024, 4096]."""
-    out = []
-    for part in text.split(","):
-        m = LENGTH_RE.fullmatch(part.strip())
-        if m is None or int(m.group(1)) == 0:
-            raise argparse.ArgumentTypeError(f"must be positive token counts like 2048 or 2k (k = 1024), got {text!r}")
-        out.append(int(m.group(1)) * (1024 if m.group(2) else 1))
-    return out
+    try:
+        return parse_lengths(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"must be positive token counts like 2048 or 2k (k = 1024), got {text!r}"
+        ) from None
 
 
 def _batch_sizes(text: str) -> list[int]:
