@@ -39,7 +39,8 @@ def stop_tokens(config: ModelConfig) -> frozenset[int]:
 @dataclass(frozen=True)
 class GenerationStats:
     """Running figures of one generation, in mlx-lm's terms. Times in seconds, memory in GB (1e9 bytes).
-    `prompt_tps` counts the prompt tokens computed: `cached_tokens` came from the prefix cache."""
+    `prompt_tps` counts the prompt tokens computed: `cached_tokens` came from the prefix cache.
+    `peak_memory_gb` is read at the first and the last token of a stream, not at every one."""
 
     prompt_tokens: int
     cached_tokens: int
@@ -99,12 +100,14 @@ def stream_generate(
     stops = _stops(model, stop_tokens)
     meter = MemoryMeter(model.device)
     rid = engine.add_request(ids, sampling, max_tokens=max_tokens, stop=stops)
-    detok = tokenizer.detokenizer()
+    detok, peak = tokenizer.detokenizer(), None
     try:
         for out in engine.stream(rid):
             if out.token is None:  # a prefill chunk that did not reach the end of the prompt
                 continue
-            stats = request_stats(engine, rid, meter)
+            if peak is None or out.finish_reason:  # not per token: on CPU the probe reads /proc
+                peak = meter.peak_gb()
+            stats = request_stats(engine, rid, peak)
             text = "" if out.token in stops else detok.add(out.token)
             if out.finish_reason:
                 text += detok.flush()
@@ -118,7 +121,7 @@ def _stops(model: GptOss, given: Sequence[int] | None) -> frozenset[int]:
     return stop_tokens(model.config) if given is None else frozenset(given)
 
 
-def request_stats(engine: Engine, rid: int, meter: MemoryMeter) -> GenerationStats:
+def request_stats(engine: Engine, rid: int, peak_memory_gb: float) -> GenerationStats:
     req, times = engine.request(rid), engine.stats.times[rid]
     n = len(req.output)
     ttft = times.first_token - times.added
@@ -130,7 +133,7 @@ def request_stats(engine: Engine, rid: int, meter: MemoryMeter) -> GenerationSta
         generation_tokens=n,
         generation_tps=(n - 1) / decode if n > 1 and decode > 0 else 0.0,
         ttft=ttft,
-        peak_memory_gb=meter.peak_gb(),
+        peak_memory_gb=peak_memory_gb,
         kv_cache_tokens=engine.kv_cache_tokens,
     )
 
@@ -194,7 +197,7 @@ def batch_generate(
         while len(done) < n:
             for out in engine.step():
                 if out.finish_reason and out.request_id in index:
-                    done[out.request_id] = request_stats(engine, out.request_id, meter)
+                    done[out.request_id] = request_stats(engine, out.request_id, meter.peak_gb())
                     if on_finish:
                         on_finish(index[out.request_id])
         tokens = [[t for t in engine.request(r).output if t not in stops] for r in rids]
