@@ -361,7 +361,7 @@ def attention_bench(log: Log) -> None:
             us = graph_us([partial(attention.decode, q, *p, sinks, batch, **kw) for p in pools])
             ref_us = graph_us([partial(REF.attention, q, *p, sinks, batch, **kw) for p in pools[:2]], trials=5)
             read = seqs * min(ctx, window or ctx) * K * D * 2 * 2
-            splits = attention.splits_for(batch, K, window, DEV)[0]
+            splits = attention.splits_for(seqs, K, DEV)
             log.put("attention", {"seqs": seqs, "context": ctx, "window": window, "splits": splits, "us": us,
                                   "ref_us": ref_us, "bytes": read, "err": err})  # fmt: skip
             print(f"| {seqs} | {ctx} | {window} | {splits} | {us:.1f} | {ref_us:.1f} | {read / 1e6:.2f} | "

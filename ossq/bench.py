@@ -21,6 +21,11 @@ Method (docs/measure.md):
   allows it). Unless `kv_cache_tokens` is given, the pool holds just what the largest measurement needs.
 - A context length c runs the same measurement with a c-token prompt, so the decode steps attend over a
   c-token cache; `context` lengths become table columns, `sweep_context` lengths a line plot.
+- Bandwidth: a batch-1 decode step must read every weight once — except the experts, of which it reads
+  top_k of E per layer, and the embedding, of which it reads one row — plus the keys and values each
+  layer attends over (the mean context of the run's decode steps). Those bytes, counted from the loaded
+  model, times the generation tok/s, over the device's copy bandwidth measured in the same call (a large
+  device-to-device copy, read and write counted) is the fraction of the bound the decode reached.
 """
 
 from __future__ import annotations
@@ -129,6 +134,7 @@ class ModelBench:
     main: RunStats | None = None
     contexts: dict[int, RunStats | str] = field(default_factory=dict)
     batches: dict[int, BatchStats | str] = field(default_factory=dict)
+    bytes_per_token: int | None = None  # what a batch-1 decode step of the main run reads (module docstring)
 
 
 @dataclass(frozen=True)
@@ -153,7 +159,8 @@ class BenchReport:
 
     def report(self) -> Report:
         """The generic report (ossq.report) the renderers take."""
-        rows = tuple(_row(m, self.context, self.batch) for m in self.models)
+        copy = self.settings.get("copy_bandwidth_gbps")
+        rows = tuple(_row(m, self.context, self.batch, copy) for m in self.models)
         return Report(
             "bench",
             "ossq bench",
@@ -192,6 +199,7 @@ def _metrics(context: Sequence[int], batch: Sequence[int]) -> list[Metric]:
         Metric("total_s", "total time", "s", False, "{:.3f}"),
         Metric("peak_memory_gb", "peak memory", "GB", False, "{:.2f}"),
         Metric("tps_per_gb", "generation per GB", "tok/s/GB", True, "{:,.2f}"),
+        Metric("bandwidth_pct", "of copy bandwidth", "%", True, "{:.1f}"),
         Metric("size_gb", "size on disk", "GB", False, "{:.3g}"),
         Metric("bits_per_weight", "bits per weight", "", False, "{:.3f}"),
     ]
@@ -204,7 +212,7 @@ def _metrics(context: Sequence[int], batch: Sequence[int]) -> list[Metric]:
     return metrics
 
 
-def _row(m: ModelBench, context: Sequence[int], batch: Sequence[int]) -> dict[str, Any]:
+def _row(m: ModelBench, context: Sequence[int], batch: Sequence[int], copy_gbps: float | None) -> dict[str, Any]:
     """A flat report row: medians under the metric keys, [min, max] under "range", seconds per phase."""
     row: dict[str, Any] = {"model": m.name, "path": m.path}
     if m.error is not None:
@@ -230,6 +238,9 @@ def _row(m: ModelBench, context: Sequence[int], batch: Sequence[int]) -> dict[st
     row.update({k: v.median for k, v in spreads.items()})
     row["peak_memory_gb"] = s.peak_memory_gb
     row["tps_per_gb"] = s.generation_tps.median / s.peak_memory_gb
+    if m.bytes_per_token and copy_gbps:
+        row["decode_gbps"] = m.bytes_per_token * s.generation_tps.median / 1e9
+        row["bandwidth_pct"] = 100 * row["decode_gbps"] / copy_gbps
     row["range"] = {k: [v.min, v.max] for k, v in spreads.items()}
     failed = {str(c): e for c, e in m.contexts.items() if isinstance(e, str)}
     failed |= {f"batch {b}": e for b, e in m.batches.items() if isinstance(e, str)}
@@ -293,6 +304,42 @@ def measure(
     return RunStats(len(prompt), gen_tokens, runs, meter.peak_gb())
 
 
+def decode_bytes_per_token(model: torch.nn.Module, context: float) -> int:
+    """Bytes a batch-1 decode step reads at a `context`-token cache (module docstring: every weight,
+    top_k of E experts, one embedding row, and the keys and values each layer attends over)."""
+    c = model.config
+    total = 0.0
+    for name, buf in model.named_buffers():
+        if ".experts." in name:
+            total += buf.nbytes * c.num_experts_per_tok / c.num_local_experts
+        elif name.startswith("model.embed_tokens."):
+            total += buf.nbytes / c.vocab_size
+        else:
+            total += buf.nbytes
+    positions = sum(min(context, c.window(i) or context) for i in range(c.num_hidden_layers))
+    itemsize = torch.empty((), dtype=model.dtype).element_size()
+    return round(total + positions * 2 * c.num_key_value_heads * c.head_dim * itemsize)
+
+
+def copy_bandwidth_gbps(device: torch.device, nbytes: int | None = None, repeats: int = 5) -> float:
+    """GB/s of a device-to-device copy of `nbytes` (default 1 GiB on a GPU, 256 MiB on the CPU), bytes
+    read plus bytes written: the bound a decode step's reads approach. The median of `repeats`."""
+    nbytes = nbytes or (1 << 30 if device.type == "cuda" else 1 << 28)
+    src = torch.ones(nbytes, dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+    dst.copy_(src)
+    times = []
+    for _ in range(repeats):
+        _sync(device)
+        start = time.perf_counter()
+        dst.copy_(src)
+        _sync(device)
+        times.append(time.perf_counter() - start)
+    del src, dst
+    _free(device)
+    return 2 * nbytes / statistics.median(times) / 1e9
+
+
 def checkpoint_facts(ckpt: Checkpoint) -> tuple[int, int, float]:
     """(bytes of the safetensors files, parameters, bits per weight) of a checkpoint as stored. Parameters
     and bits per weight follow mlx-lm (ossq.quant.recipe.Plan), so they equal what mlx-lm reports."""
@@ -337,7 +384,8 @@ def _bench_model(name: str, ckpt: Checkpoint, job: _Job) -> ModelBench:
             return ModelBench(name, path, error=main)
         contexts = {c: _at_context(engine, c, job, meter, name) for c in job.lengths}
         batches = {b: _at_batch(engine, b, job, name) for b in job.batch}
-        return ModelBench(name, path, None, size, params, bpw, main, contexts, batches)
+        read = decode_bytes_per_token(model, job.prompt_tokens + job.gen_tokens / 2)
+        return ModelBench(name, path, None, size, params, bpw, main, contexts, batches, read)
     except MODEL_ERRORS as e:
         job.log(f"{name}: [red]{_describe(e)}[/red]")
         return ModelBench(name, path, error=_describe(e))
@@ -417,6 +465,7 @@ def bench(
     seed: int = 0,
     kv_cache_tokens: int | None = None,
     ops: str | None = None,
+    cuda_graphs: bool = True,
     progress: bool = True,
     json_path: str | Path | None = None,
     markdown_path: str | Path | None = None,
@@ -437,7 +486,9 @@ def bench(
     console = _console() if progress else None
     lengths = sorted(set(context) | set(sweep_context))
     kv_tokens = kv_cache_tokens or _kv_tokens_needed(prompt_tokens, gen_tokens, lengths, sizes)
-    engine = EngineConfig(kv_cache_tokens=kv_tokens, max_num_seqs=max([1, *sizes]), prefix_cache=False)
+    engine = EngineConfig(
+        kv_cache_tokens=kv_tokens, max_num_seqs=max([1, *sizes]), prefix_cache=False, cuda_graphs=cuda_graphs
+    )
     log = console.log if console else _quiet
     job = _Job(prompt_tokens, gen_tokens, lengths, sizes, repeats, warmup, seed, dev, engine, ops, log)
     settings = {
@@ -451,6 +502,8 @@ def bench(
         "seed": seed,
         "kv_cache_tokens": kv_tokens,
         "ops": ops or "default",
+        "cuda_graphs": cuda_graphs,
+        "copy_bandwidth_gbps": copy_bandwidth_gbps(dev),
         "prompt": "seeded random ordinary-token ids",
         "sampling": "greedy, no stop tokens",
     }

@@ -192,6 +192,12 @@ def _add_engine(
             help="compute every prompt in full instead of reusing the cached blocks of earlier ones",
         )
     p.add_argument("--ops", default=None, help="op implementation: torch, cpu or triton (default: the device's)")
+    p.add_argument(
+        "--no-cuda-graphs",
+        dest="cuda_graphs",
+        action="store_false",
+        help="launch every decode step's kernels one by one instead of replaying CUDA graphs (for comparison)",
+    )
 
 
 def _engine_config(args: argparse.Namespace):
@@ -202,6 +208,7 @@ def _engine_config(args: argparse.Namespace):
         max_num_seqs=args.max_num_seqs,
         max_kv_size=getattr(args, "max_kv_size", None),
         prefix_cache=getattr(args, "prefix_cache", True),
+        cuda_graphs=args.cuda_graphs,
     )
 
 
@@ -344,6 +351,12 @@ def _add_ppl(sub) -> None:
     p.add_argument("--kl-reference", default=None, help="model whose distribution KL is measured against")
     _add_device(p)
     p.add_argument("--ops", default=None, help="op implementation: torch, cpu or triton (default: the device's)")
+    p.add_argument(
+        "--no-cuda-graphs",
+        dest="cuda_graphs",
+        action="store_false",
+        help="launch every decode step's kernels one by one instead of replaying CUDA graphs (for comparison)",
+    )
     _add_outputs(p)
 
 
@@ -845,6 +858,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         seed=args.seed,
         kv_cache_tokens=args.kv_cache_tokens,
         ops=args.ops,
+        cuda_graphs=args.cuda_graphs,
         json_path=args.json_path,
         markdown_path=args.markdown_path,
         plot_path=args.plot_path,

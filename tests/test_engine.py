@@ -257,7 +257,7 @@ def test_a_decode_step_of_forward_and_sampling_never_reads_the_device(model):
     from ossq.engine.engine import _Planned
 
     planned = [_Planned(req, req.num_computed, req.num_computed + n) for req, n in plan]
-    batch = engine._batch(planned)
+    batch = engine._batch(engine._chunks(planned))
     with torch.inference_mode(), SyncProbe() as probe:
         logits = model(batch, engine.kv)
         engine._sample(logits, planned)
@@ -271,7 +271,7 @@ def test_the_sync_probe_sees_the_host_reads_of_a_prefill_step(model):
     from ossq.engine.engine import _Planned
 
     ((req, n),) = engine.scheduler.schedule()
-    batch = engine._batch([_Planned(req, 0, n)])
+    batch = engine._batch(engine._chunks([_Planned(req, 0, n)]))
     with torch.inference_mode(), SyncProbe() as probe:
         model(batch, engine.kv)
     assert "unique" in probe.seen
@@ -287,7 +287,7 @@ def test_a_cuda_decode_step_of_forward_and_sampling_runs_under_sync_debug_mode_e
         engine.add_request(prompt(10 + i, seed=i), SAMPLED if i % 2 else None, max_tokens=8)
     engine.step()
     planned = [_Planned(req, req.num_computed, req.num_computed + n) for req, n in engine.scheduler.schedule()]
-    batch = engine._batch(planned)
+    batch = engine._batch(engine._chunks(planned))
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:

@@ -26,8 +26,8 @@ from ossq.engine.batch import Batch, SeqChunk  # noqa: E402
 from ossq.engine.engine import Engine, EngineConfig  # noqa: E402
 from ossq.engine.kv import BLOCK_TOKENS  # noqa: E402
 from ossq.engine.model import GptOss, Linear  # noqa: E402
-from ossq.engine.ops import TorchOps, select_ops  # noqa: E402
-from ossq.engine.triton import attention, moe, qmm  # noqa: E402
+from ossq.engine.ops import TorchOps, rope, select_ops  # noqa: E402
+from ossq.engine.triton import attention, fused, moe, prefill, qmm  # noqa: E402
 from ossq.engine.triton.ops import MOE_MAX_PAIRS, TritonOps  # noqa: E402
 from ossq.quant import affine, mxfp4  # noqa: E402
 from ossq.quant.spec import QuantSpec  # noqa: E402
@@ -109,13 +109,13 @@ def test_qmm_split_k_and_tile_edges(spec, rows):
         assert rel_err(out, REF.linear(x.float(), as_float(lin))) < TOL, (n, split)
 
 
-def test_triton_linear_keeps_leading_axes_and_falls_back_beyond_the_gemv_rows():
+def test_triton_linear_keeps_leading_axes_and_runs_prefill_sized_row_counts():
     ops, spec = TritonOps(), QuantSpec(4, 32)
     lin = quantized(spec, (), 24, 64, bias=True, seed=7)
     x = activations(2, 3, 64, seed=3)
     assert rel_err(ops.linear(x, lin), REF.linear(x.float(), as_float(lin))) < TOL
-    big = activations(65, 64, seed=4)  # beyond GEMV_MAX_ROWS: the reference path, exactly
-    assert torch.equal(ops.linear(big, lin), REF.linear(big, lin))
+    big = activations(150, 64, seed=4)  # prefill-sized: 64-row tensor-core tiles, the last one partial
+    assert rel_err(ops.linear(big, lin), REF.linear(big.float(), as_float(lin))) < TOL
     plain = quantized(None, (), 24, 64, bias=True, seed=8)  # unquantized: F.linear
     assert torch.equal(ops.linear(x, plain), REF.linear(x, plain))
 
@@ -128,6 +128,55 @@ def test_qmm_at_20b_shapes(spec):
         x = activations(rows, 2880, seed=rows)
         assert rel_err(qmm.qmm(x, lin.weight, lin.scales, lin.biases, lin.bias, spec),
                        REF.linear(x.float(), as_float(lin))) < TOL, (n, rows)  # fmt: skip
+
+
+# ------------------------------------------------------------------------------------------ the small fused ops
+
+
+@pytest.mark.parametrize("rows, width", [(1, 64), (5, 2880), (3, 100)])
+def test_rms_norm_and_the_residual_add_equal_the_reference(rows, width):
+    x, delta = activations(rows, width, seed=1), activations(rows, width, seed=2)
+    weight = activations(width, seed=3).float()
+    ref_total, ref = REF.add_rms_norm(x, delta, weight, 1e-5)
+    total, out = TritonOps().add_rms_norm(x, delta, weight, 1e-5)
+    assert torch.equal(total, ref_total)  # the sum is rounded to x's dtype exactly as torch rounds it
+    assert out.dtype == x.dtype and rel_err(out, ref) < (TOL if CUDA else 1e-6)
+    assert rel_err(TritonOps().rms_norm(x, weight, 1e-5), REF.rms_norm(x, weight, 1e-5)) < TOL
+
+
+def test_rope_and_store_rotates_q_and_k_and_writes_the_pool():
+    N, H, K, D = 5, 6, 2, 16
+    qkv = activations(N, (H + 2 * K) * D, seed=1)  # q, k, v as views of one fused projection
+    q, k, v = (t.view(N, -1, D) for t in qkv.split([H * D, K * D, K * D], dim=-1))
+    angles = activations(N, D // 2, seed=2)
+    cos, sin = angles.cos(), angles.sin()
+    slots = torch.tensor([7, 0, 31, 12, 13], device=DEVICE)
+    pools = [activations(32, K, D, seed=s) for s in (3, 4, 3, 4)]
+    ref_q = REF.rope_and_store(q, k, v, cos, sin, pools[0], pools[1], slots)
+    out_q = TritonOps().rope_and_store(q, k, v, cos, sin, pools[2], pools[3], slots)
+    assert torch.equal(out_q, ref_q) and torch.equal(out_q, rope(q, cos, sin))
+    assert torch.equal(pools[2], pools[0]) and torch.equal(pools[3], pools[1])  # untouched rows too
+
+
+@pytest.mark.parametrize("experts, top_k", [(32, 4), (6, 2), (128, 4), (5, 3)])
+def test_route_picks_the_top_k_and_softmaxes_them(experts, top_k):
+    logits = activations(9, experts, seed=experts)
+    ids, weights = fused.route(logits, top_k)
+    top_v, top_i = torch.topk(logits, top_k, dim=-1)
+    assert torch.equal(ids, top_i)
+    assert rel_err(weights, torch.softmax(top_v.float(), dim=-1)) < 1e-6
+
+
+def test_prepare_stacks_q_k_v_into_one_weight_held_once():
+    source, ops = random_model(small_config(num_hidden_layers=1)), TritonOps()
+    model = quantized_model(source, e2e_specs(source), ops)
+    attn = model.model.layers[0].self_attn
+    lins = (attn.q_proj, attn.k_proj, attn.v_proj)
+    (stacked,) = ops._fused.values()
+    assert lins[1].weight.data_ptr() == stacked.weight[lins[0].weight.shape[0]].data_ptr()  # a view, not a copy
+    x = activations(3, model.config.hidden_size, seed=1)
+    for out, lin in zip(ops.linears(x, lins), lins, strict=True):  # split K may differ: rounding apart
+        assert rel_err(out, REF.linear(x.float(), as_float(lin))) < TOL
 
 
 # ------------------------------------------------------------------------------------------ mixture of experts
@@ -203,25 +252,30 @@ def decode_batch(lengths: list[int], *, release_before: int | None = None, seed:
 
 
 @pytest.mark.parametrize("window", [None, 8, 16, 33])
-@pytest.mark.parametrize("split_tokens", [None, 32, 64])
-def test_decode_attention_equals_the_reference(window, split_tokens):
+@pytest.mark.parametrize("split", [None, (4, 32), (16, 32), (3, 64)])  # (splits, min_split); 16: empty splits
+def test_decode_attention_equals_the_reference(window, split):
     H, K, D = 6, 2, 16  # three query heads per kv head (not a power of two)
     batch, blocks = decode_batch(LENGTHS, release_before=window, seed=window or 0)
     k_pool = activations(blocks * BLOCK_TOKENS, K, D, seed=1)
     v_pool = activations(blocks * BLOCK_TOKENS, K, D, seed=2)
     q, sinks = activations(len(LENGTHS), H, D, seed=3), activations(H, seed=4)
-    out = attention.decode(q, k_pool, v_pool, sinks, batch, window=window, scale=0.3, split_tokens=split_tokens)
-    ref = REF.attention(q.float(), k_pool.float(), v_pool.float(), sinks.float(), batch, window=window, scale=0.3)
+    splits, min_split = split or (None, attention.MIN_SPLIT_TOKENS)
+    kw = dict(window=window, scale=0.3)
+    out = attention.decode(q, k_pool, v_pool, sinks, batch, **kw, splits=splits, min_split=min_split)
+    ref = REF.attention(q.float(), k_pool.float(), v_pool.float(), sinks.float(), batch, **kw)
     assert out.dtype == q.dtype and rel_err(out, ref) < TOL
 
 
-def test_attention_with_a_prefill_chunk_takes_the_reference_path():
+def test_attention_with_a_prefill_chunk_takes_the_prefill_kernel(monkeypatch):
     chunks = [SeqChunk([1, 2, 3], 0, [0]), SeqChunk([4], 20, [1, 2])]
     batch = Batch.build(chunks, device=DEVICE)
     pools = [activations(3 * BLOCK_TOKENS, 2, 16, seed=s) for s in (1, 2)]
     q, sinks = activations(4, 4, 16, seed=3), activations(4, seed=4)
-    args = (q, *pools, sinks, batch)
-    assert torch.equal(TritonOps().attention(*args, window=8, scale=0.25), REF.attention(*args, window=8, scale=0.25))
+    calls: Counter[str] = Counter()
+    monkeypatch.setattr(prefill, "prefill", counted(prefill.prefill, "prefill", calls))
+    out = TritonOps().attention(q, *pools, sinks, batch, window=8, scale=0.25)
+    ref = REF.attention(q.float(), *(p.float() for p in pools), sinks.float(), batch, window=8, scale=0.25)
+    assert calls["prefill"] == 1 and rel_err(out, ref) < TOL
 
 
 # ------------------------------------------------------------------------------------------ end to end
@@ -245,7 +299,9 @@ def quantized_model(source: GptOss, specs: dict[str, QuantSpec], ops) -> GptOss:
                 stored = affine.quantize(w, bits=spec.bits, group_size=spec.group_size)
                 for buf, t in zip((mod.weight, mod.scales, mod.biases), stored, strict=True):
                     buf.copy_(t)
-    return model.to(DEVICE)
+    model = model.to(DEVICE)
+    ops.prepare(model)
+    return model
 
 
 def e2e_specs(model: GptOss) -> dict[str, QuantSpec]:
@@ -260,8 +316,10 @@ def e2e_specs(model: GptOss) -> dict[str, QuantSpec]:
     return specs
 
 
-def generate(model: GptOss, prompts: list[list[int]], max_tokens: int) -> tuple[list[list[int]], torch.Tensor]:
-    engine = Engine(model, EngineConfig(kv_cache_tokens=256, prefix_cache=False))
+def generate(
+    model: GptOss, prompts: list[list[int]], max_tokens: int, **config
+) -> tuple[list[list[int]], torch.Tensor]:
+    engine = Engine(model, EngineConfig(**{"kv_cache_tokens": 256, "prefix_cache": False} | config))
     ids = [engine.add_request(p, max_tokens=max_tokens, logits_from=len(p) - 1) for p in prompts]
     tokens: dict[int, list[int]] = {i: [] for i in ids}
     logits: dict[int, list[torch.Tensor]] = {i: [] for i in ids}
@@ -277,7 +335,8 @@ def generate(model: GptOss, prompts: list[list[int]], max_tokens: int) -> tuple[
 def test_quantized_model_through_the_engine_matches_torch_ops(monkeypatch):
     # float32 on the GPU too, so that greedy ties cannot flip; bfloat16 is the op tests' business
     calls: Counter[str] = Counter()
-    for module, name in [(qmm, "qmm"), (moe, "experts"), (attention, "decode")]:
+    kernels = [(qmm, "qmm"), (moe, "experts"), (attention, "decode"), (prefill, "prefill"), (fused, "rope_and_store")]
+    for module, name in kernels:
         monkeypatch.setattr(module, name, counted(getattr(module, name), name, calls))
     source = random_model(small_config(num_hidden_layers=2))  # one sliding and one full layer
     specs = e2e_specs(source)
@@ -288,7 +347,7 @@ def test_quantized_model_through_the_engine_matches_torch_ops(monkeypatch):
     tokens, logits = generate(quantized_model(source, specs, select_ops("triton")), prompts, max_tokens=4)
     assert tokens == ref_tokens
     assert rel_err(logits, ref_logits) < 1e-4
-    assert calls["qmm"] and calls["experts"] and calls["decode"]  # the decode steps ran the kernels
+    assert all(calls[name] for _, name in kernels), calls  # every kernel ran
 
 
 def counted(fn, name: str, calls: Counter):
@@ -297,3 +356,64 @@ def counted(fn, name: str, calls: Counter):
         return fn(*args, **kwargs)
 
     return wrapper
+
+
+# ------------------------------------------------------------------------------------------ CUDA graphs
+
+needs_cuda = pytest.mark.skipif(not CUDA, reason="CUDA graphs need a GPU")
+
+
+@pytest.fixture(scope="module")
+def graph_models():
+    """A quantized 2-layer model on the fast path and the same weights on the reference path, float32 (so
+    greedy ties cannot flip between them)."""
+    source = random_model(small_config(num_hidden_layers=2))
+    specs = e2e_specs(source)
+    return quantized_model(source, specs, TritonOps()), quantized_model(source, specs, TorchOps())
+
+
+@needs_cuda
+def test_graph_replayed_decode_equals_eager_decode(graph_models):
+    fast, _ = graph_models
+    prompts = [[5, 9, 200, 7, 1], list(range(30, 42)), [100, 101, 102]]  # 3 rows: padded to the 4-row graph
+    eager = generate(fast, prompts, 24, cuda_graphs=False)
+    engine_tokens, engine_logits = generate(fast, prompts, 24)
+    assert engine_tokens == eager[0]
+    assert rel_err(engine_logits, eager[1]) < 1e-5
+
+
+@needs_cuda
+def test_the_fast_path_gives_the_reference_tokens_for_200_tokens(graph_models):
+    fast, ref = graph_models
+    prompt = [[3, 1, 4, 1, 5, 9, 2, 6]]  # past the 8-token window of the sliding layer, and 12 blocks
+    assert generate(fast, prompt, 200, kv_cache_tokens=512)[0] == generate(ref, prompt, 200, kv_cache_tokens=512)[0]
+
+
+@needs_cuda
+def test_a_graphed_batch_of_16_equals_each_sequence_alone(graph_models):
+    fast, _ = graph_models
+    prompts = [[(7 * i + j) % 500 for j in range(3 + i)] for i in range(16)]
+    together = generate(fast, prompts, 10, kv_cache_tokens=1024)[0]
+    assert together == [generate(fast, [p], 10)[0][0] for p in prompts]
+
+
+@needs_cuda
+def test_a_graph_replay_never_syncs_with_the_host(graph_models):
+    fast, _ = graph_models
+    engine = Engine(fast, EngineConfig(kv_cache_tokens=256))
+    for i in range(3):
+        engine.add_request([1 + i, 2, 3], max_tokens=8)
+    engine.step()  # the prefill
+    engine.step()  # the first decode step captures the graph
+    assert engine.graphs.graphs
+    from ossq.engine.engine import _Planned
+
+    plan = [_Planned(req, req.num_computed, req.num_computed + n) for req, n in engine.scheduler.schedule()]
+    chunks = engine._chunks(plan)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        with torch.inference_mode():
+            engine.graphs.run(chunks)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")

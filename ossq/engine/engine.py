@@ -19,6 +19,7 @@ import torch
 
 from ossq.engine.batch import Batch, SeqChunk, device_tensor
 from ossq.engine.blocks import BlockManager
+from ossq.engine.graphs import DecodeGraphs
 from ossq.engine.kv import BLOCK_TOKENS, KVPool, blocks_for, default_kv_tokens
 from ossq.engine.model import GptOss
 from ossq.engine.sampling import SamplingBatch, SamplingParams, random_seed, sample
@@ -32,13 +33,15 @@ PREFILL_CHUNK_TOKENS = 512
 class EngineConfig:
     """How the engine runs. `kv_cache_tokens` sizes the pool (None: engine/kv.py's default);
     `max_batch_tokens` is the step's token budget (prefill chunk); `max_kv_size` caps the keys the
-    full-attention layers see, as mlx-lm's option."""
+    full-attention layers see, as mlx-lm's option; `cuda_graphs` replays decode steps as CUDA graphs
+    where the ops allow it (engine/graphs.py)."""
 
     kv_cache_tokens: int | None = None
     max_num_seqs: int = 64
     max_batch_tokens: int = PREFILL_CHUNK_TOKENS
     max_kv_size: int | None = None
     prefix_cache: bool = True
+    cuda_graphs: bool = True
 
     def __post_init__(self) -> None:
         for name in ("kv_cache_tokens", "max_kv_size"):
@@ -87,8 +90,18 @@ class Engine:
         tokens = c.kv_cache_tokens or default_kv_tokens(mc, model.dtype, model.device)
         if tokens < BLOCK_TOKENS:
             raise InvalidArgument("kv_cache_tokens", f"kv_cache_tokens must be at least {BLOCK_TOKENS}, got {tokens}")
-        self.kv = KVPool.allocate(mc, num_blocks=tokens // BLOCK_TOKENS, dtype=model.dtype, device=model.device)
-        self.blocks = BlockManager(self.kv.num_blocks, prefix_cache=c.prefix_cache)
+        self.num_blocks = tokens // BLOCK_TOKENS
+        graph_seqs = min(c.max_num_seqs, model.ops.graph_tokens(mc)) if model.device.type == "cuda" else 0
+        graphs = c.cuda_graphs and graph_seqs > 0
+        # with graphs, one more block takes the padding rows' writes; the block manager never hands it out
+        blocks = self.num_blocks + graphs
+        self.kv = KVPool.allocate(mc, num_blocks=blocks, dtype=model.dtype, device=model.device)
+        self.blocks = BlockManager(self.num_blocks, prefix_cache=c.prefix_cache)
+        self.graphs = (
+            DecodeGraphs(model, self.kv, trash_block=self.num_blocks, max_seqs=graph_seqs, max_kv_size=c.max_kv_size)
+            if graphs
+            else None
+        )
         span = (
             None
             if c.max_kv_size is None
@@ -108,7 +121,7 @@ class Engine:
 
     @property
     def kv_cache_tokens(self) -> int:
-        return self.kv.num_blocks * BLOCK_TOKENS
+        return self.num_blocks * BLOCK_TOKENS
 
     def add_request(
         self,
@@ -148,7 +161,7 @@ class Engine:
                 "(shorten the prompt or max_tokens, or cap the cache with max_kv_size / --max-kv-size)"
             )
         need = self.scheduler.max_blocks(total)
-        if need > self.kv.num_blocks:
+        if need > self.num_blocks:
             raise PromptTooLong(
                 f"{len(prompt)} prompt tokens + {max_tokens} to generate need {need * BLOCK_TOKENS} KV-cache "
                 f"tokens, but the cache holds {self.kv_cache_tokens} (raise kv_cache_tokens / --kv-cache-tokens)"
@@ -180,8 +193,11 @@ class Engine:
             return []
         plan = [_Planned(req, req.num_computed, req.num_computed + n) for req, n in scheduled]
         self.stats.steps += 1
-        batch = self._batch(plan)
-        logits = self.model(batch, self.kv)
+        chunks = self._chunks(plan)
+        if self.graphs and self.graphs.fits(len(chunks)) and all(p.end - p.start == p.num_rows == 1 for p in plan):
+            logits = self.graphs.run(chunks)  # a decode step: one token and its logits per request
+        else:
+            logits = self.model(self._batch(chunks), self.kv)
         samplers = [p for p in plan if p.samples]
         reading = _TokenRead(self._sample(logits, samplers)) if samplers else None  # the step's one device read
         for p in plan:  # the bookkeeping that needs no sampled token overlaps the read
@@ -215,8 +231,8 @@ class Engine:
         finally:
             self._inboxes.pop(request_id, None)
 
-    def _batch(self, plan: list[_Planned]) -> Batch:
-        """The step's metadata; notes where each request's logits rows fall."""
+    def _chunks(self, plan: list[_Planned]) -> list[SeqChunk]:
+        """What the step computes of each request; notes where each request's logits rows fall."""
         chunks, row = [], 0
         for p in plan:
             req = p.req
@@ -227,6 +243,9 @@ class Engine:
                 p.first_row, p.num_rows, p.logits_start = row, p.end - first, first
                 row += p.num_rows
             chunks.append(SeqChunk(req.tokens[p.start : p.end], p.start, req.blocks, first))
+        return chunks
+
+    def _batch(self, chunks: list[SeqChunk]) -> Batch:
         return Batch.build(chunks, device=self.model.device, max_kv_size=self.config.max_kv_size)
 
     def _sample(self, logits: torch.Tensor, plan: list[_Planned]) -> torch.Tensor:

@@ -114,12 +114,10 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, batch: Batch, kv: KVPool) -> torch.Tensor:
         N, ops = x.shape[0], self.ops
-        q = ops.linear(x, self.q_proj).view(N, -1, self.head_dim)  # (N, H, D)
-        k = ops.linear(x, self.k_proj).view(N, -1, self.head_dim)  # (N, K, D)
-        v = ops.linear(x, self.v_proj).view(N, -1, self.head_dim)
-        q, k = ops.rope(q, cos, sin), ops.rope(k, cos, sin)
+        qkv = ops.linears(x, (self.q_proj, self.k_proj, self.v_proj))
+        q, k, v = (t.view(N, -1, self.head_dim) for t in qkv)  # (N, H, D), (N, K, D), (N, K, D)
         k_pool, v_pool = kv.k[self.layer], kv.v[self.layer]
-        ops.write_kv(k_pool, v_pool, k, v, batch.slots)
+        q = ops.rope_and_store(q, k, v, cos, sin, k_pool, v_pool, batch.slots)  # k rotated, then k, v stored
         window = self.window or batch.max_kv_size  # max_kv_size caps the full layers, as mlx-lm's option
         o = ops.attention(q, k_pool, v_pool, self.sinks, batch, window=window, scale=self.scale)  # (N, H, D)
         return ops.linear(o.reshape(N, -1), self.o_proj)
@@ -149,14 +147,16 @@ class Block(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp = MLP(layer, make)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, batch: Batch, kv: KVPool) -> torch.Tensor:
-        c = self.config
-        x = x + self.self_attn(self._norm(x, self.input_layernorm), cos, sin, batch, kv)
-        h = self._norm(x, self.post_attention_layernorm)
-        return x + self.ops.moe(h, self.mlp, top_k=c.num_experts_per_tok, limit=c.swiglu_limit, alpha=c.swiglu_alpha)
-
-    def _norm(self, x: torch.Tensor, norm: RMSNorm) -> torch.Tensor:
-        return self.ops.rms_norm(x, norm.weight, norm.eps)
+    def forward(
+        self, x: torch.Tensor, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, batch: Batch, kv: KVPool,
+        next_norm: RMSNorm,
+    ) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+        """x the residual stream, h = input_layernorm(x) → the new stream and `next_norm` of it (the next
+        block's input norm, or the final norm): each residual add is fused with the norm that follows it."""
+        c, ops, post = self.config, self.ops, self.post_attention_layernorm
+        x, h = ops.add_rms_norm(x, self.self_attn(h, cos, sin, batch, kv), post.weight, post.eps)
+        y = ops.moe(h, self.mlp, top_k=c.num_experts_per_tok, limit=c.swiglu_limit, alpha=c.swiglu_alpha)
+        return ops.add_rms_norm(x, y, next_norm.weight, next_norm.eps)
 
 
 class Body(nn.Module):
@@ -194,11 +194,13 @@ class GptOss(nn.Module):
 
     def forward(self, batch: Batch, kv: KVPool) -> torch.Tensor:
         """→ logits (R, V) float32 of the rows `batch.logits_rows`, in that order."""
-        x = self.ops.embedding(batch.tokens, self.model.embed_tokens, self.dtype)  # (N, C)
+        ops, layers = self.ops, self.model.layers
+        x = ops.embedding(batch.tokens, self.model.embed_tokens, self.dtype)  # (N, C)
         cos, sin = self.rotary(batch.positions, self.dtype)
-        for block in self.model.layers:
-            x = block(x, cos, sin, batch, kv)
+        first = layers[0].input_layernorm
+        h = ops.rms_norm(x, first.weight, first.eps)
+        for block, next_norm in zip(layers, [*(b.input_layernorm for b in layers[1:]), self.model.norm], strict=True):
+            x, h = block(x, h, cos, sin, batch, kv, next_norm)
         if batch.logits_rows.numel() == 0:  # a prefill chunk short of its prompt's end: no logits wanted
             return x.new_zeros(0, self.config.vocab_size, dtype=torch.float32)
-        x = self.ops.rms_norm(x[batch.logits_rows], self.model.norm.weight, self.model.norm.eps)
-        return self.ops.linear(x, self.lm_head).float()
+        return ops.linear(h[batch.logits_rows], self.lm_head).float()  # h: the final norm of the stream

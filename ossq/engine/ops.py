@@ -17,12 +17,14 @@ tokens by expert, which reads the routing back once per layer; a fast path does 
 from __future__ import annotations
 
 import importlib
+from collections.abc import Sequence
 from typing import Any, Protocol
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ossq.config import ModelConfig
 from ossq.engine.batch import Batch
 from ossq.engine.kv import BLOCK_TOKENS, blocks_for
 from ossq.errors import OssqError
@@ -62,11 +64,15 @@ class Ops(Protocol):
     dim, C hidden, E experts, k experts per token; the pool rows are engine/kv.py's slots."""
 
     def prepare(self, model: torch.nn.Module) -> None: ...
+    def graph_tokens(self, config: ModelConfig) -> int: ...
     def rms_norm(self, x: Tensor, weight: Tensor, eps: float) -> Tensor: ...
+    def add_rms_norm(self, x: Tensor, delta: Tensor, weight: Tensor, eps: float) -> tuple[Tensor, Tensor]: ...
     def linear(self, x: Tensor, lin: QuantizedWeight) -> Tensor: ...
+    def linears(self, x: Tensor, lins: Sequence[QuantizedWeight]) -> list[Tensor]: ...
     def embedding(self, ids: Tensor, emb: QuantizedWeight, dtype: torch.dtype) -> Tensor: ...
-    def rope(self, x: Tensor, cos: Tensor, sin: Tensor) -> Tensor: ...
-    def write_kv(self, k_pool: Tensor, v_pool: Tensor, k: Tensor, v: Tensor, slots: Tensor) -> None: ...
+    def rope_and_store(
+        self, q: Tensor, k: Tensor, v: Tensor, cos: Tensor, sin: Tensor, k_pool: Tensor, v_pool: Tensor, slots: Tensor
+    ) -> Tensor: ...
     def attention(
         self,
         q: Tensor,
@@ -109,30 +115,43 @@ class TorchOps:
     def prepare(self, model: torch.nn.Module) -> None:
         """Nothing to re-lay: the reference reads the stored layout as it is."""
 
+    def graph_tokens(self, config: ModelConfig) -> int:
+        """The most decode tokens a step may have for it to be captured in a CUDA graph (engine/graphs.py):
+        every op then runs without a host sync and launches the same work whatever the data. None here:
+        the reference attention loops over the sequences on the host."""
+        return 0
+
     def rms_norm(self, x: Tensor, weight: Tensor, eps: float) -> Tensor:
         h = x.float()
         h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
         return (weight * h).to(x.dtype)
 
+    def add_rms_norm(self, x: Tensor, delta: Tensor, weight: Tensor, eps: float) -> tuple[Tensor, Tensor]:
+        """The residual step: (x + delta, its RMSNorm), the sum in x's dtype."""
+        total = x + delta
+        return total, self.rms_norm(total, weight, eps)
+
     def linear(self, x: Tensor, lin: QuantizedWeight) -> Tensor:
         """(…, in) → (…, out), y = x Wᵀ + b."""
         return F.linear(x, dequantize(lin, dtype=x.dtype), lin.bias)
+
+    def linears(self, x: Tensor, lins: Sequence[QuantizedWeight]) -> list[Tensor]:
+        """Several linears of one input (q, k and v), which a faster implementation may run as one."""
+        return [self.linear(x, lin) for lin in lins]
 
     def embedding(self, ids: Tensor, emb: QuantizedWeight, dtype: torch.dtype) -> Tensor:
         """ids (…) → (…, C); dequantizes only the rows it gathers."""
         rows = dequantize(emb, ids.reshape(-1), dtype=dtype)
         return rows.reshape(*ids.shape, -1)
 
-    def rope(self, x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-        """Rotate halves (NeoX style): x (N, heads, D), cos/sin (N, D/2) already scaled by YaRN."""
-        x1, x2 = x.chunk(2, dim=-1)
-        c, s = cos[:, None, :], sin[:, None, :]
-        return torch.cat((x1 * c - x2 * s, x2 * c + x1 * s), dim=-1)
-
-    def write_kv(self, k_pool: Tensor, v_pool: Tensor, k: Tensor, v: Tensor, slots: Tensor) -> None:
-        """Store k, v (N, K, D) at pool rows `slots` (N,)."""
-        k_pool.index_copy_(0, slots, k.to(k_pool.dtype))
+    def rope_and_store(
+        self, q: Tensor, k: Tensor, v: Tensor, cos: Tensor, sin: Tensor, k_pool: Tensor, v_pool: Tensor, slots: Tensor
+    ) -> Tensor:
+        """Rotate q (N, H, D) and k (N, K, D) by RoPE; store the rotated k and v (N, K, D) at pool rows
+        `slots` (N,); → the rotated q."""
+        k_pool.index_copy_(0, slots, rope(k, cos, sin).to(k_pool.dtype))
         v_pool.index_copy_(0, slots, v.to(v_pool.dtype))
+        return rope(q, cos, sin)
 
     def attention(
         self,
@@ -199,6 +218,13 @@ class TorchOps:
             y = _expert_linear(act, experts.down_proj, e)
             out.index_add_(0, tok, y * weights[tok, slot, None])
         return out
+
+
+def rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """Rotate halves (NeoX style): x (N, heads, D), cos/sin (N, D/2) already scaled by YaRN."""
+    x1, x2 = x.chunk(2, dim=-1)
+    c, s = cos[:, None, :], sin[:, None, :]
+    return torch.cat((x1 * c - x2 * s, x2 * c + x1 * s), dim=-1)
 
 
 def attend(

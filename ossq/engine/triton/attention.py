@@ -5,8 +5,10 @@ Grid (S sequences, K kv heads, splits). A program takes the REP = H/K query head
 (padded to the 16-row MMA tile, so q·kᵀ and p·v run on the tensor cores) and streams the keys and values
 of its slice of the sequence's visible positions — the last min(length, window) ones — through the block
 table, BLOCK_T positions a step with the next step's loads in flight, with an online softmax.
-Lengths and block tables are read on the device (`Batch.seq_lens`, `Batch.block_tables`); the host only
-sizes the grid from `host_seq_lens`, so nothing is read back.
+Lengths and block tables are read on the device (`Batch.seq_lens`, `Batch.block_tables`), and so is the
+split of each sequence: the host fixes only the number of splits, from the batch's size and the GPU's,
+and each program computes its slice from its sequence's length. Nothing is read back, and the launch is
+the same for every length, so a CUDA graph captured once replays for any context.
 
 The sink S_h is one more logit with no value vector: the first split starts its running max at S_h and
 its denominator at exp(S_h − S_h) = 1, which is formats.md §4.7e's `exp(S_h − m)` in the denominator.
@@ -47,7 +49,7 @@ def _kv_tile(k_ptr, v_ptr, table, p0, lo, end, kvh, stride_kr, stride_kh, offs_t
 
 @triton.jit
 def _decode_kernel(q_ptr, k_ptr, v_ptr, sinks_ptr, tables_ptr, lens_ptr, out_ptr, ml_ptr, acc_ptr, window,
-                   scale, split_tokens, stride_qs, stride_qh, stride_kr, stride_kh, stride_ts, REP: tl.constexpr,
+                   scale, min_split, stride_qs, stride_qh, stride_kr, stride_kh, stride_ts, REP: tl.constexpr,
                    D: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_T: tl.constexpr,
                    PAGE: tl.constexpr, HAS_WINDOW: tl.constexpr, ONE_SPLIT: tl.constexpr,
                    PRECISION: tl.constexpr):  # fmt: skip
@@ -60,8 +62,11 @@ def _decode_kernel(q_ptr, k_ptr, v_ptr, sinks_ptr, tables_ptr, lens_ptr, out_ptr
     lo = 0
     if HAS_WINDOW:
         lo = tl.maximum(length - window, 0)  # the query at length − 1 sees positions > length − 1 − window
-    start = (lo // BLOCK_T) * BLOCK_T + sp * split_tokens
-    end = tl.minimum(start + split_tokens, length)
+    first = (lo // BLOCK_T) * BLOCK_T
+    # the visible span in `splits` slices of whole steps, none shorter than min_split positions
+    per = tl.maximum(tl.cdiv(tl.cdiv(length - first, splits), BLOCK_T) * BLOCK_T, min_split)
+    start = first + sp * per
+    end = tl.minimum(start + per, length)
 
     offs_r = tl.arange(0, BLOCK_R)  # the query heads of this kv head, padded to the MMA tile
     offs_d = tl.arange(0, BLOCK_D)
@@ -130,13 +135,11 @@ def _multiprocessors(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
 
 
-def splits_for(batch: Batch, kv_heads: int, window: int | None, device: torch.device) -> tuple[int, int]:
-    """(splits, positions per split, a multiple of BLOCK_T) for the longest visible span in the step."""
-    span = max(min(n, window) if window else n for n in batch.host_seq_lens) + BLOCK_T  # + the alignment
-    want = triton.cdiv(PROGRAMS_PER_SM * _multiprocessors(device), batch.num_seqs * kv_heads)
-    per = max(triton.cdiv(span, max(want, 1)), MIN_SPLIT_TOKENS)
-    per = triton.cdiv(per, BLOCK_T) * BLOCK_T
-    return triton.cdiv(span, per), per
+def splits_for(num_seqs: int, kv_heads: int, device: torch.device) -> int:
+    """How many slices each sequence is cut into: enough for about PROGRAMS_PER_SM programs per
+    multiprocessor. A slice that would be shorter than MIN_SPLIT_TOKENS is left empty instead (the kernel
+    sizes slices from the length), so short contexts pay only a few idle programs."""
+    return triton.cdiv(PROGRAMS_PER_SM * _multiprocessors(device), num_seqs * kv_heads)
 
 
 def decode(
@@ -148,20 +151,16 @@ def decode(
     *,
     window: int | None,
     scale: float,
-    split_tokens: int | None = None,
+    splits: int | None = None,
+    min_split: int = MIN_SPLIT_TOKENS,
 ) -> Tensor:
     """q (S, H, D), one query per sequence at position seq_len − 1 → (S, H, D) in q's dtype. Pools
-    (slots, K, D) as engine/kv.py; `split_tokens` (a multiple of BLOCK_T) forces the split size."""
+    (slots, K, D) as engine/kv.py; `splits` and `min_split` (a multiple of BLOCK_T) force the split."""
     S, H, D = q.shape
     K = k_pool.shape[1]
     assert S == batch.num_seqs and H % K == 0 and k_pool.stride(2) == 1 and q.stride(2) == 1
     rep = H // K
-    if split_tokens is None:
-        splits, per = splits_for(batch, K, window, q.device)
-    else:
-        per = split_tokens
-        span = max(min(n, window) if window else n for n in batch.host_seq_lens) + BLOCK_T
-        splits = triton.cdiv(span, per)
+    splits = splits or splits_for(S, K, q.device)
     out = torch.empty_like(q)
     ml = acc = out
     if splits > 1:
@@ -169,7 +168,7 @@ def decode(
         acc = torch.empty(S, H, splits, D, dtype=torch.float32, device=q.device)
     tables = batch.block_tables
     _decode_kernel[(S, K, splits)](
-        q, k_pool, v_pool, sinks, tables, batch.seq_lens, out, ml, acc, window or 0, float(scale), per,
+        q, k_pool, v_pool, sinks, tables, batch.seq_lens, out, ml, acc, window or 0, float(scale), min_split,
         q.stride(0), q.stride(1), k_pool.stride(0), k_pool.stride(1), tables.stride(0),
         REP=rep, D=D, BLOCK_R=max(16, triton.next_power_of_2(rep)), BLOCK_D=max(16, triton.next_power_of_2(D)),
         BLOCK_T=BLOCK_T, PAGE=BLOCK_TOKENS, HAS_WINDOW=window is not None, ONE_SPLIT=splits == 1,

@@ -1,44 +1,99 @@
 """`TritonOps`: the ops interface with Triton kernels where they exist, TorchOps (its tested twin) elsewhere.
 
 What runs where, per op:
-- `linear`: quantized weights with at most GEMV_MAX_ROWS rows → qmm.qmm, decoded from the stored layout;
-  unquantized weights (cuBLAS via F.linear) and larger row counts (prefill) → TorchOps.
-- `moe`: quantized experts, at most MOE_MAX_PAIRS (token, expert) pairs → the router linear, top-k and
-  softmax on the device, then moe.experts; otherwise TorchOps (which groups tokens by expert).
+- `linear`: quantized weights → qmm.qmm, decoded from the stored layout (GEMV-shaped for a few rows,
+  tensor-core tiles for more); unquantized weights → TorchOps (cuBLAS via F.linear).
+- `linears` (q, k, v): one qmm over the three weights, concatenated once by `prepare`.
+- `moe`: quantized experts, at most MOE_MAX_PAIRS (token, expert) pairs → the router linear, then
+  fused.route (top-k and softmax) and moe.experts, all on the device; otherwise TorchOps (which groups
+  tokens by expert).
 - `attention`: one query token per sequence (a pure decode step) → attention.decode over the pool;
-  any prefill chunk in the step → TorchOps.
-- norms, RoPE, embedding and KV writes → TorchOps for now.
+  any prefill chunk in the step → prefill.prefill, flash style over the same pool.
+- `rms_norm`, `add_rms_norm`, `rope_and_store` → fused.py, one launch each; the embedding → TorchOps.
+
+Decode steps of up to `graph_tokens` tokens never synchronise and launch the same kernels whatever the
+lengths, so engine/graphs.py captures them.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
 from torch import Tensor
 
+from ossq.config import ModelConfig
 from ossq.engine.batch import Batch
 from ossq.engine.ops import GATHER_MAX_PAIRS, MoEWeights, QuantizedWeight, TorchOps
-from ossq.engine.triton import attention, moe, qmm
+from ossq.engine.triton import attention, fused, moe, prefill, qmm
+from ossq.quant.spec import QuantSpec
 
-GEMV_MAX_ROWS = 64
 MOE_MAX_PAIRS = GATHER_MAX_PAIRS
+
+
+@dataclass
+class FusedWeight:
+    """Linears of one input stored as one (their rows stacked), with where each one's outputs end."""
+
+    spec: QuantSpec | None
+    weight: Tensor
+    scales: Tensor | None
+    biases: Tensor | None
+    bias: Tensor | None
+    sizes: tuple[int, ...]
 
 
 class TritonOps(TorchOps):
     name = "triton"
 
+    def __init__(self) -> None:
+        self._fused: dict[tuple[int, ...], FusedWeight] = {}
+
+    def prepare(self, model: torch.nn.Module) -> None:
+        """Stack each attention's q, k and v weights into one; the three modules keep views of it, so the
+        weights are held once."""
+        for module in model.modules():
+            projections = [getattr(module, n, None) for n in ("q_proj", "k_proj", "v_proj")]
+            if None not in projections:
+                fused = _stack(projections)
+                if fused is not None:
+                    self._fused[tuple(map(id, projections))] = fused
+
+    def graph_tokens(self, config: ModelConfig) -> int:
+        return MOE_MAX_PAIRS // config.num_experts_per_tok
+
+    def rms_norm(self, x: Tensor, weight: Tensor, eps: float) -> Tensor:
+        return fused.rms_norm(x, weight, eps)[1]
+
+    def add_rms_norm(self, x: Tensor, delta: Tensor, weight: Tensor, eps: float) -> tuple[Tensor, Tensor]:
+        return fused.rms_norm(x, weight, eps, delta)
+
     def linear(self, x: Tensor, lin: QuantizedWeight) -> Tensor:
         """(…, in) → (…, out), y = x Wᵀ + b."""
         rows = x.numel() // x.shape[-1]
-        if lin.spec is None or rows > GEMV_MAX_ROWS or rows == 0:
+        if lin.spec is None or rows == 0:
             return super().linear(x, lin)
         y = qmm.qmm(x.reshape(rows, -1), lin.weight, lin.scales, lin.biases, lin.bias, lin.spec)
         return y.view(*x.shape[:-1], -1)
+
+    def linears(self, x: Tensor, lins: Sequence[QuantizedWeight]) -> list[Tensor]:
+        fused_weight = self._fused.get(tuple(map(id, lins)))
+        if fused_weight is None:
+            return super().linears(x, lins)
+        return list(self.linear(x, fused_weight).split(fused_weight.sizes, dim=-1))
+
+    def rope_and_store(
+        self, q: Tensor, k: Tensor, v: Tensor, cos: Tensor, sin: Tensor, k_pool: Tensor, v_pool: Tensor, slots: Tensor
+    ) -> Tensor:
+        return fused.rope_and_store(q, k, v, cos, sin, k_pool, v_pool, slots)
 
     def moe(self, x: Tensor, mlp: MoEWeights, *, top_k: int, limit: float, alpha: float) -> Tensor:
         e = mlp.experts
         specs = (e.gate_proj.spec, e.up_proj.spec, e.down_proj.spec)
         if x.shape[0] * top_k > MOE_MAX_PAIRS or None in specs or specs[0] != specs[1] or x.shape[0] == 0:
             return super().moe(x, mlp, top_k=top_k, limit=limit, alpha=alpha)
-        top_i, weights = moe.route(self.linear(x, mlp.router), top_k)  # (N, k) each, on the device
+        top_i, weights = fused.route(self.linear(x, mlp.router), top_k)  # (N, k) each, on the device
         return moe.experts(x, e, top_i, weights, limit=limit, alpha=alpha)
 
     def attention(
@@ -53,5 +108,29 @@ class TritonOps(TorchOps):
         scale: float,
     ) -> Tensor:
         if q.shape[0] != batch.num_seqs:  # some sequence has a prefill chunk in this step
-            return super().attention(q, k_pool, v_pool, sinks, batch, window=window, scale=scale)
+            return prefill.prefill(q, k_pool, v_pool, sinks, batch, window=window, scale=scale)
         return attention.decode(q, k_pool, v_pool, sinks, batch, window=window, scale=scale)
+
+
+def _stack(lins: list[QuantizedWeight]) -> FusedWeight | None:
+    """The linears' rows as one weight, the originals re-pointed at views of it; None when they are
+    stored differently (then each runs alone)."""
+    first = lins[0]
+    if any(lin.spec != first.spec or (lin.bias is None) != (first.bias is None) for lin in lins):
+        return None
+    names = ("weight", "scales", "biases", "bias")
+    stacked = {}
+    for name in names:
+        parts = [getattr(lin, name) for lin in lins]
+        if parts[0] is None:
+            stacked[name] = None
+            continue
+        raw = [p.view(torch.int32) if p.dtype == torch.uint32 else p for p in parts]  # CUDA cannot cat uint32
+        whole = torch.cat(raw)
+        stacked[name] = whole.view(torch.uint32) if parts[0].dtype == torch.uint32 else whole
+        start = 0
+        for lin, part in zip(lins, parts, strict=True):
+            setattr(lin, name, stacked[name][start : start + part.shape[0]])
+            start += part.shape[0]
+    sizes = tuple(lin.weight.shape[0] for lin in lins)
+    return FusedWeight(first.spec, stacked["weight"], stacked["scales"], stacked["biases"], stacked["bias"], sizes)

@@ -317,7 +317,8 @@ def default_tiles(m: int, n: int, k: int, spec: QuantSpec) -> Tiles:
         if n >= LARGE_N:
             return Tiles(block_n=16, block_k=min(512, fit), num_warps=4)
         return Tiles(block_n=4, block_k=min(1024, fit), num_warps=2)
-    return Tiles(block_n=64, block_k=2 * max(64, spec.group_size), block_m=16 if m <= 16 else 32, num_warps=4)
+    block_m = 16 if m <= 16 else 32 if m <= 64 else 64
+    return Tiles(block_n=64, block_k=2 * max(64, spec.group_size), block_m=block_m, num_warps=4)
 
 
 def _split(tiles_count: int, k: int, tiles: Tiles, device: torch.device) -> tuple[int, int]:
