@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# The fast path on the lent GPU machine, from the repo root:   bash benchmarks/gpu_fast.sh
+# (results under $OUT, or ./fast-out). The CUDA tests of the kernels, the graphs and the engine; then a
+# synthetic gpt-oss-20b (MXFP4 experts + 4-bit g64 rest, random weights) benchmarked with the Triton ops
+# replaying CUDA graphs, the same ops launched eagerly, and the torch reference, in one run.
+set -uo pipefail
+source "$(dirname "$0")/gpu_env.sh" fast-out
+W=${WORK:-/tmp/ossq-gpu}
+mkdir -p "$W"
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv | tee "$OUT/machine.txt"
+timeout "${TEST_S:-200}" python3 -m pytest -q -p no:cacheprovider -n 8 -o addopts="" -rfE tests/test_triton_ops.py \
+  tests/test_triton_prefill.py tests/test_triton_moe.py tests/test_engine.py -k "not interpreter" \
+  2>&1 | tail -40 | tee "$OUT/tests.txt"
+[ -e "$W/src" ] || (time ossq synth --preset 20b --out "$W/src" --device cuda) 2>&1 | tail -3 | tee "$OUT/synth.txt"
+[ -e "$W/mxfp4-q4" ] || ossq convert --hf-path "$W/src" --mlx-path "$W/mxfp4-q4" -q --q-bits 4 --device cuda 2>&1 | tail -3
+common=(--device cuda --prompt-tokens 90 --warmup 1)
+timeout 200 ossq bench -m "$W/mxfp4-q4" "${common[@]}" --ops triton --gen-tokens 128 --repeats 3 --context 2k \
+  --batch 8 --json "$OUT/bench-graphs.json" --markdown "$OUT/bench-graphs.md" 2>&1 | tail -30
+timeout 90 ossq bench -m "$W/mxfp4-q4" "${common[@]}" --ops triton --no-cuda-graphs --gen-tokens 32 --repeats 2 \
+  --json "$OUT/bench-eager.json" --markdown "$OUT/bench-eager.md" 2>&1 | tail -12
+timeout 90 ossq bench -m "$W/mxfp4-q4" "${common[@]}" --ops torch --gen-tokens 8 --repeats 1 \
+  --json "$OUT/bench-torch.json" --markdown "$OUT/bench-torch.md" 2>&1 | tail -12
