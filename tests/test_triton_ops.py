@@ -223,11 +223,14 @@ def test_moe_decode_equals_the_reference(gate_up, down, inter, tokens):
     assert out.dtype == x.dtype and rel_err(out, ref) < TOL
 
 
-def test_moe_beyond_the_gathered_pairs_takes_the_grouped_reference_path():
+def test_moe_beyond_the_gathered_pairs_takes_the_grouped_kernels(monkeypatch):
+    calls: Counter[str] = Counter()
+    monkeypatch.setattr(moe, "grouped_experts", counted(moe.grouped_experts, "grouped", calls))
     mlp = moe_weights(QuantSpec(4, 32, "mxfp4"), QuantSpec(4, 32, "mxfp4"), experts=4, hidden=64, inter=64)
     x = activations(MOE_MAX_PAIRS // 2 + 1, 64, seed=0)
     kw = dict(top_k=2, limit=7.0, alpha=1.702)
     assert rel_err(TritonOps().moe(x, mlp, **kw), REF.moe(x.float(), float_moe(mlp), **kw)) < TOL
+    assert calls["grouped"] == 1
 
 
 # ------------------------------------------------------------------------------------------ decode attention
@@ -335,7 +338,8 @@ def generate(
 def test_quantized_model_through_the_engine_matches_torch_ops(monkeypatch):
     # float32 on the GPU too, so that greedy ties cannot flip; bfloat16 is the op tests' business
     calls: Counter[str] = Counter()
-    kernels = [(qmm, "qmm"), (moe, "experts"), (attention, "decode"), (prefill, "prefill"), (fused, "rope_and_store")]
+    kernels = [(qmm, "qmm"), (moe, "experts"), (moe, "grouped_experts"), (attention, "decode"), (prefill, "prefill")]
+    kernels.append((fused, "rope_and_store"))
     for module, name in kernels:
         monkeypatch.setattr(module, name, counted(getattr(module, name), name, calls))
     source = random_model(small_config(num_hidden_layers=2))  # one sliding and one full layer

@@ -12,7 +12,27 @@ device-side expert ids:
   the output is written once, in x's dtype.
 
 Each pair reads its own expert's matrices (as TorchOps' gathered path does), which is right while pairs
-are few (decode); larger steps belong to the grouped path (ossq/engine/ops.py).
+are few (decode); larger steps take `grouped_experts`.
+
+`grouped_experts` (batched decode of many sequences, prefill) reads each hit expert's packed weights once
+per BLOCK_M of its pairs rather than once per pair. The N·k pairs are sorted by expert on the device (a
+stable sort; each expert's bounds by binary search) and each expert's segment is padded to a multiple of
+BLOCK_M: `pairs` holds the pair ids in that order (N·k where padding) and `block_expert` each block's
+expert (E past the last segment). Both have a static length, N·k // BLOCK_M + min(E, N·k) blocks (each hit
+expert adds at most one partial block), so no shape depends on the routing and nothing is read back to the
+host: the step can be captured in a CUDA graph. Three kernels:
+
+- `_grouped_gate_up_kernel`, grid (I tiles, blocks): the block's rows of x times the expert's gate and up
+  tiles, decoded in registers as qmm's `_qmm_kernel` does and fed to `tl.dot`, biases added, the clamped
+  SwiGLU → act (N·k, I) at the pair rows, in x's dtype: the down product's `tl.dot` operand (half the bytes
+  of float32 in bfloat16), rounded where TorchOps rounds its act;
+- `_grouped_down_kernel`, grid (C tiles, blocks): the block's act rows times the expert's down tile, plus
+  the down bias, times the pair's routing weight → y (N·k, C) float32 at the pair rows;
+- `_sum_pairs_kernel`, grid (N, C tiles): each token's k rows of y summed in slot order, in x's dtype.
+
+Blocks past the last segment do nothing. There are no atomics and no sum whose order depends on the
+routing, so for given tiles a token's output has the same bits whatever the other tokens of the step are
+(they only fill other rows of the `tl.dot` tiles); the default BLOCK_M grows with the step (`grouped_tiles`).
 """
 
 from __future__ import annotations
@@ -22,7 +42,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ossq.engine.triton.qmm import _row_matvec, check_layout
+from ossq.engine.triton.qmm import _row_matvec, _step, check_layout
 
 
 @triton.jit
@@ -132,3 +152,183 @@ def route(logits: Tensor, top_k: int) -> tuple[Tensor, Tensor]:
     device (formats.md §4.7g)."""
     top_v, top_i = torch.topk(logits, top_k, dim=-1)
     return top_i, torch.softmax(top_v.float(), dim=-1)
+
+
+# ----------------------------------------------------------------------------------------- grouped experts
+
+
+@triton.jit
+def _rows(ptr, rows, m_mask, k0, K, BLOCK_K: tl.constexpr):
+    """(BM, BLOCK_K): elements k0 … k0 + BLOCK_K of the K-wide rows `rows` at ptr, zero past K and for
+    padding rows."""
+    offs_k = k0 + tl.arange(0, BLOCK_K)
+    ptr = ptr + rows[:, None].to(tl.int64) * K + offs_k[None, :]
+    return tl.load(ptr, mask=m_mask[:, None] & (offs_k < K)[None, :], other=0)
+
+
+@triton.jit
+def _dot_step(acc, x, w_ptr, s_ptr, b_ptr, offs_n, n_mask, k0, K, stride_wn, stride_sn, BITS: tl.constexpr,
+              G: tl.constexpr, MXFP4: tl.constexpr, MAGIC: tl.constexpr, BLOCK_N: tl.constexpr,
+              BLOCK_K: tl.constexpr, PRECISION: tl.constexpr):  # fmt: skip
+    """acc (BM, BN) + x (BM, BLOCK_K) · W[offs_n, k0 : k0 + BLOCK_K]ᵀ, the weight tile decoded in registers
+    to x's dtype."""
+    v, scale, bias = _step(w_ptr, s_ptr, b_ptr, offs_n, n_mask, k0, K, stride_wn, stride_sn, BITS, G, MXFP4, MAGIC,
+                           BLOCK_N, BLOCK_K)  # fmt: skip
+    w = tl.reshape(v * scale[:, :, None] + bias[:, :, None], (BLOCK_N, BLOCK_K))
+    return tl.dot(x, tl.trans(w.to(x.dtype)), acc, input_precision=PRECISION)
+
+
+@triton.jit
+def _grouped_gate_up_kernel(x_ptr, pairs_ptr, block_expert_ptr, gw, gs, gb, gbias, uw, us, ub, ubias, act_ptr, P,
+                            E, I, K, limit, alpha, stride_we, stride_wn, stride_se, stride_sn, stride_bias_e,
+                            TOP_K: tl.constexpr, BITS: tl.constexpr, G: tl.constexpr, MXFP4: tl.constexpr,
+                            HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                            BLOCK_K: tl.constexpr, MAGIC: tl.constexpr, PRECISION: tl.constexpr):  # fmt: skip
+    pid_n = tl.program_id(0)
+    blk = tl.program_id(1)
+    expert = tl.load(block_expert_ptr + blk).to(tl.int64)
+    if expert < E:
+        pairs = tl.load(pairs_ptr + blk * BLOCK_M + tl.arange(0, BLOCK_M))
+        m_mask = pairs < P
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        n_mask = offs_n < I
+        w_off, s_off = expert * stride_we, expert * stride_se
+        g = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
+        u = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            x = _rows(x_ptr, pairs // TOP_K, m_mask, k0, K, BLOCK_K)
+            g = _dot_step(g, x, gw + w_off, gs + s_off, gb + s_off, offs_n, n_mask, k0, K, stride_wn, stride_sn,
+                          BITS, G, MXFP4, MAGIC, BLOCK_N, BLOCK_K, PRECISION)  # fmt: skip
+            u = _dot_step(u, x, uw + w_off, us + s_off, ub + s_off, offs_n, n_mask, k0, K, stride_wn, stride_sn,
+                          BITS, G, MXFP4, MAGIC, BLOCK_N, BLOCK_K, PRECISION)  # fmt: skip
+        if HAS_BIAS:
+            g += tl.load(gbias + expert * stride_bias_e + offs_n, mask=n_mask, other=0).to(tl.float32)[None, :]
+            u += tl.load(ubias + expert * stride_bias_e + offs_n, mask=n_mask, other=0).to(tl.float32)[None, :]
+        g = tl.minimum(g, limit)
+        u = tl.minimum(tl.maximum(u, -limit), limit)
+        act = g * tl.sigmoid(alpha * g) * (u + 1)
+        ptr = act_ptr + pairs[:, None].to(tl.int64) * I + offs_n[None, :]
+        tl.store(ptr, act.to(act_ptr.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
+
+
+@triton.jit
+def _grouped_down_kernel(act_ptr, pairs_ptr, block_expert_ptr, route_ptr, dw, ds, db, dbias, y_ptr, P, E, C, I,
+                         stride_we, stride_wn, stride_se, stride_sn, stride_bias_e, BITS: tl.constexpr,
+                         G: tl.constexpr, MXFP4: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr,
+                         BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, MAGIC: tl.constexpr,
+                         PRECISION: tl.constexpr):  # fmt: skip
+    pid_n = tl.program_id(0)
+    blk = tl.program_id(1)
+    expert = tl.load(block_expert_ptr + blk).to(tl.int64)
+    if expert < E:
+        pairs = tl.load(pairs_ptr + blk * BLOCK_M + tl.arange(0, BLOCK_M))
+        m_mask = pairs < P
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        n_mask = offs_n < C
+        w_off, s_off = expert * stride_we, expert * stride_se
+        y = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
+        for k0 in range(0, I, BLOCK_K):
+            a = _rows(act_ptr, pairs, m_mask, k0, I, BLOCK_K)
+            y = _dot_step(y, a, dw + w_off, ds + s_off, db + s_off, offs_n, n_mask, k0, I, stride_wn, stride_sn,
+                          BITS, G, MXFP4, MAGIC, BLOCK_N, BLOCK_K, PRECISION)  # fmt: skip
+        if HAS_BIAS:
+            y += tl.load(dbias + expert * stride_bias_e + offs_n, mask=n_mask, other=0).to(tl.float32)[None, :]
+        y *= tl.load(route_ptr + pairs, mask=m_mask, other=0)[:, None]
+        ptr = y_ptr + pairs[:, None].to(tl.int64) * C + offs_n[None, :]
+        tl.store(ptr, y, mask=m_mask[:, None] & n_mask[None, :])
+
+
+@triton.jit
+def _sum_pairs_kernel(y_ptr, out_ptr, C, TOP_K: tl.constexpr, BLOCK_C: tl.constexpr):
+    """out[t] = Σ_j y[t·k + j], j in order, summed in float32."""
+    token = tl.program_id(0).to(tl.int64)
+    offs = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    mask = offs < C
+    out = tl.zeros((BLOCK_C,), tl.float32)
+    for j in tl.static_range(TOP_K):
+        out += tl.load(y_ptr + (token * TOP_K + j) * C + offs, mask=mask, other=0)
+    tl.store(out_ptr + token * C + offs, out.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def sort_pairs(top_i: Tensor, num_experts: int, block_m: int) -> tuple[Tensor, Tensor]:
+    """Expert ids top_i (N, k) → (pairs, block_expert): the pair ids t·k + j grouped by expert, each expert's
+    segment padded to a multiple of block_m with the sentinel N·k, (blocks·block_m,) int32; and each block's
+    expert, num_experts past the last segment, (blocks,) int64 — blocks = N·k // block_m + min(E, N·k), all
+    on the device."""
+    ids = top_i.reshape(-1)
+    P = ids.numel()
+    device = ids.device
+    ids_sorted, order = torch.sort(ids, stable=True)
+    bounds = torch.searchsorted(ids_sorted, torch.arange(num_experts + 1, device=device, dtype=ids.dtype))
+    padded = (bounds[1:] - bounds[:-1] + block_m - 1) // block_m * block_m
+    padded_end = torch.cumsum(padded, 0)
+    shift = padded_end - padded - bounds[:-1]  # each expert's padded start minus its sorted start
+    blocks = P // block_m + min(num_experts, P)
+    pairs = torch.full((blocks * block_m,), P, dtype=torch.int32, device=device)
+    pairs.scatter_(0, torch.arange(P, device=device) + shift.index_select(0, ids_sorted), order.to(torch.int32))
+    starts = torch.arange(0, blocks * block_m, block_m, device=device)
+    return pairs, torch.searchsorted(padded_end, starts, right=True)
+
+
+def grouped_tiles(tokens: int, top_k: int, num_experts: int, group_size: int) -> tuple[int, int, int]:
+    """Default (block_m, block_n, block_k): 64-row tiles once the average expert has 64 pairs (prefill), 16
+    below (batched decode); 64 outputs; K steps of two 64-wide (or group-wide) chunks."""
+    block_m = 64 if tokens * top_k >= 64 * num_experts else 16
+    return block_m, 64, 2 * max(64, group_size)
+
+
+def grouped_experts(
+    x: Tensor,
+    experts,
+    top_i: Tensor,
+    route: Tensor,
+    *,
+    limit: float,
+    alpha: float,
+    block_m: int | None = None,
+    block_n: int | None = None,
+    block_k: int | None = None,
+    num_warps: int = 4,
+    magic: bool = True,
+) -> Tensor:
+    """x (N, C), expert ids top_i (N, k), routing weights route (N, k) → Σ_j route[:, j]·expert_j(x), (N, C)
+    in x's dtype, as `experts` but with the pairs grouped by expert (see the module docstring); tiles left
+    None take `grouped_tiles`."""
+    gate, up, down = experts.gate_proj, experts.up_proj, experts.down_proj
+    assert gate.spec == up.spec and (gate.bias is None) == (up.bias is None)
+    x = x.contiguous()
+    N, C = x.shape
+    E, I = gate.weight.shape[:2]
+    k = top_i.shape[1]
+    bm, bn, bk = grouped_tiles(N, k, E, max(gate.spec.group_size, down.spec.group_size))
+    bm, bn, bk = block_m or bm, block_n or bn, block_k or bk
+    assert bm >= 16 and bn >= 16, "tl.dot tiles are at least 16 × 16"
+    pairs, block_expert = sort_pairs(top_i, E, bm)
+    grid = (block_expert.numel(),)
+    precision = "ieee" if x.dtype == torch.float32 else "tf32"
+    route = route.reshape(-1).float().contiguous()
+    act = torch.empty(N * k, I, dtype=x.dtype, device=x.device)
+    gw, gs, gb, gbias = _stack_args(gate, C)
+    uw, us, ub, ubias = _stack_args(up, C)
+    step = max(min(bk, triton.next_power_of_2(C)), gate.spec.group_size)  # no K step longer than the row
+    _grouped_gate_up_kernel[(triton.cdiv(I, bn), *grid)](
+        x, pairs, block_expert, gw, gs, gb, gbias, uw, us, ub, ubias, act, N * k, E, I, C, float(limit),
+        float(alpha), gw.stride(0), gw.stride(1), gs.stride(0), gs.stride(1), gbias.stride(0),
+        TOP_K=k, BITS=gate.spec.bits, G=gate.spec.group_size, MXFP4=gate.spec.mode == "mxfp4",
+        HAS_BIAS=gate.bias is not None, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=step, MAGIC=magic, PRECISION=precision,
+        num_warps=num_warps,
+    )  # fmt: skip
+    y = torch.empty(N * k, C, dtype=torch.float32, device=x.device)
+    dw, ds, db, dbias = _stack_args(down, I)
+    step = max(min(bk, triton.next_power_of_2(I)), down.spec.group_size)
+    _grouped_down_kernel[(triton.cdiv(C, bn), *grid)](
+        act, pairs, block_expert, route, dw, ds, db, dbias, y, N * k, E, C, I, dw.stride(0), dw.stride(1),
+        ds.stride(0), ds.stride(1), dbias.stride(0),
+        BITS=down.spec.bits, G=down.spec.group_size, MXFP4=down.spec.mode == "mxfp4",
+        HAS_BIAS=down.bias is not None, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=step, MAGIC=magic, PRECISION=precision,
+        num_warps=num_warps,
+    )  # fmt: skip
+    out = torch.empty_like(x)
+    block_c = min(1024, triton.next_power_of_2(C))
+    _sum_pairs_kernel[(N, triton.cdiv(C, block_c))](y, out, C, TOP_K=k, BLOCK_C=block_c)
+    return out

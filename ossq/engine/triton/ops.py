@@ -4,14 +4,15 @@ What runs where, per op:
 - `linear`: quantized weights → qmm.qmm, decoded from the stored layout (GEMV-shaped for a few rows,
   tensor-core tiles for more); unquantized weights → TorchOps (cuBLAS via F.linear).
 - `linears` (q, k, v): one qmm over the three weights, concatenated once by `prepare`.
-- `moe`: quantized experts, at most MOE_MAX_PAIRS (token, expert) pairs → the router linear, then
-  fused.route (top-k and softmax) and moe.experts, all on the device; otherwise TorchOps (which groups
-  tokens by expert).
+- `moe`: quantized experts → the router linear, fused.route (top-k and softmax), then up to
+  MOE_MAX_PAIRS (token, expert) pairs moe.experts (each pair reads its expert, GEMV-shaped), beyond it
+  moe.grouped_experts (tokens sorted by expert on the device, each expert read once per tile of its
+  tokens): all on the device, no host sync at any size. Unquantized experts → TorchOps.
 - `attention`: one query token per sequence (a pure decode step) → attention.decode over the pool;
   any prefill chunk in the step → prefill.prefill, flash style over the same pool.
 - `rms_norm`, `add_rms_norm`, `rope_and_store` → fused.py, one launch each; the embedding → TorchOps.
 
-Decode steps of up to `graph_tokens` tokens never synchronise and launch the same kernels whatever the
+Decode steps of any size (up to GRAPH_TOKENS) never synchronise and launch the same kernels whatever the
 lengths, so engine/graphs.py captures them.
 """
 
@@ -30,6 +31,7 @@ from ossq.engine.triton import attention, fused, moe, prefill, qmm
 from ossq.quant.spec import QuantSpec
 
 MOE_MAX_PAIRS = GATHER_MAX_PAIRS
+GRAPH_TOKENS = 512
 
 
 @dataclass
@@ -61,7 +63,7 @@ class TritonOps(TorchOps):
                     self._fused[tuple(map(id, projections))] = fused
 
     def graph_tokens(self, config: ModelConfig) -> int:
-        return MOE_MAX_PAIRS // config.num_experts_per_tok
+        return GRAPH_TOKENS
 
     def rms_norm(self, x: Tensor, weight: Tensor, eps: float) -> Tensor:
         return fused.rms_norm(x, weight, eps)[1]
@@ -91,10 +93,11 @@ class TritonOps(TorchOps):
     def moe(self, x: Tensor, mlp: MoEWeights, *, top_k: int, limit: float, alpha: float) -> Tensor:
         e = mlp.experts
         specs = (e.gate_proj.spec, e.up_proj.spec, e.down_proj.spec)
-        if x.shape[0] * top_k > MOE_MAX_PAIRS or None in specs or specs[0] != specs[1] or x.shape[0] == 0:
+        if None in specs or specs[0] != specs[1] or x.shape[0] == 0:
             return super().moe(x, mlp, top_k=top_k, limit=limit, alpha=alpha)
         top_i, weights = fused.route(self.linear(x, mlp.router), top_k)  # (N, k) each, on the device
-        return moe.experts(x, e, top_i, weights, limit=limit, alpha=alpha)
+        run = moe.experts if x.shape[0] * top_k <= MOE_MAX_PAIRS else moe.grouped_experts
+        return run(x, e, top_i, weights, limit=limit, alpha=alpha)
 
     def attention(
         self,
