@@ -15,7 +15,7 @@ timeout "${TEST_S:-200}" python3 -m pytest -q -p no:cacheprovider -n 8 -o addopt
 [ -e "$W/mxfp4-q4" ] || ossq convert --hf-path "$W/src" --mlx-path "$W/mxfp4-q4" -q --q-bits 4 --device cuda 2>&1 | tail -3
 common=(--device cuda --prompt-tokens 90 --warmup 1)
 timeout 200 ossq bench -m "$W/mxfp4-q4" "${common[@]}" --ops triton --gen-tokens 128 --repeats 3 --context 2k \
-  --batch 8 --json "$OUT/bench-graphs.json" --markdown "$OUT/bench-graphs.md" 2>&1 | tail -30
+  --batch 8,64 --json "$OUT/bench-graphs.json" --markdown "$OUT/bench-graphs.md" 2>&1 | tail -30
 timeout 90 ossq bench -m "$W/mxfp4-q4" "${common[@]}" --ops triton --no-cuda-graphs --gen-tokens 32 --repeats 2 \
   --json "$OUT/bench-eager.json" --markdown "$OUT/bench-eager.md" 2>&1 | tail -12
 timeout 90 ossq bench -m "$W/mxfp4-q4" "${common[@]}" --ops torch --gen-tokens 8 --repeats 1 \
