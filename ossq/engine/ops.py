@@ -249,13 +249,14 @@ def attend(
 
 
 def _expert_linear(x: Tensor, lin: QuantizedWeight, expert: int) -> Tensor:
-    return F.linear(x, dequantize(lin, expert, dtype=x.dtype), lin.bias[expert])
+    return F.linear(x, dequantize(lin, expert, dtype=x.dtype), None if lin.bias is None else lin.bias[expert])
 
 
 def _gathered_linear(x: Tensor, lin: QuantizedWeight, idx: Tensor) -> Tensor:
     """x (P, in), idx (P,) expert ids → (P, out): row p through expert idx[p]."""
     w = dequantize(lin, idx, dtype=x.dtype)  # (P, out, in)
-    return torch.bmm(w, x[:, :, None])[..., 0] + lin.bias[idx]
+    y = torch.bmm(w, x[:, :, None])[..., 0]
+    return y if lin.bias is None else y + lin.bias[idx]
 
 
 # name → "module:class", imported only when asked for (the Triton kernels need triton and a GPU).
