@@ -52,6 +52,7 @@ class _Graph:
     logits: torch.Tensor
     rows: int
     width: int
+    copied: torch.cuda.Event | None = None  # the last copy out of the host buffers
 
 
 class DecodeGraphs:
@@ -80,6 +81,8 @@ class DecodeGraphs:
     def _load(self, g: _Graph, chunks: Sequence[SeqChunk]) -> None:
         """Write the step's inputs (padding rows: token 0 at position 0, trash slot, length 0)."""
         B, R = len(chunks), g.rows
+        if g.copied is not None:  # the host buffers are rewritten only once their last copy has left them
+            g.copied.synchronize()
         h64 = g.host64.numpy()
         h32 = g.host32.numpy()
         h64[:] = 0
@@ -97,6 +100,8 @@ class DecodeGraphs:
         assert B <= R
         g.dev64.copy_(g.host64, non_blocking=True)
         g.dev32.copy_(g.host32, non_blocking=True)
+        g.copied = torch.cuda.Event()
+        g.copied.record()
 
     def _capture(self, rows: int, width: int) -> _Graph:
         device = self.model.device

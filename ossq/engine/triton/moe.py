@@ -270,11 +270,14 @@ def sort_pairs(top_i: Tensor, num_experts: int, block_m: int) -> tuple[Tensor, T
     return pairs, torch.searchsorted(padded_end, starts, right=True)
 
 
-def grouped_tiles(tokens: int, top_k: int, num_experts: int, group_size: int) -> tuple[int, int, int]:
+def grouped_tiles(
+    tokens: int, top_k: int, num_experts: int, group_size: int, straddle: bool = False
+) -> tuple[int, int, int]:
     """Default (block_m, block_n, block_k): 64-row tiles once the average expert has 64 pairs (prefill), 16
-    below (batched decode); 64 outputs; K steps of two 64-wide (or group-wide) chunks."""
+    below (batched decode); 64 outputs; K steps of two 64-wide (or group-wide) chunks, one when codes
+    straddle words (bits 3, 5, 6: their decode needs more shared memory than the H200 has for two)."""
     block_m = 64 if tokens * top_k >= 64 * num_experts else 16
-    return block_m, 64, 2 * max(64, group_size)
+    return block_m, 64, (1 if straddle else 2) * max(64, group_size)
 
 
 def grouped_experts(
@@ -300,7 +303,8 @@ def grouped_experts(
     N, C = x.shape
     E, I = gate.weight.shape[:2]
     k = top_i.shape[1]
-    bm, bn, bk = grouped_tiles(N, k, E, max(gate.spec.group_size, down.spec.group_size))
+    straddle = any(32 % spec.bits for spec in (gate.spec, down.spec))
+    bm, bn, bk = grouped_tiles(N, k, E, max(gate.spec.group_size, down.spec.group_size), straddle)
     bm, bn, bk = block_m or bm, block_n or bn, block_k or bk
     assert bm >= 16 and bn >= 16, "tl.dot tiles are at least 16 × 16"
     pairs, block_expert = sort_pairs(top_i, E, bm)
@@ -317,6 +321,7 @@ def grouped_experts(
         TOP_K=k, BITS=gate.spec.bits, G=gate.spec.group_size, MXFP4=gate.spec.mode == "mxfp4",
         HAS_BIAS=gate.bias is not None, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=step, MAGIC=magic, PRECISION=precision,
         num_warps=num_warps,
+        num_stages=1 if straddle else 2,
     )  # fmt: skip
     y = torch.empty(N * k, C, dtype=torch.float32, device=x.device)
     dw, ds, db, dbias = _stack_args(down, I)
@@ -327,6 +332,7 @@ def grouped_experts(
         BITS=down.spec.bits, G=down.spec.group_size, MXFP4=down.spec.mode == "mxfp4",
         HAS_BIAS=down.bias is not None, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=step, MAGIC=magic, PRECISION=precision,
         num_warps=num_warps,
+        num_stages=1 if straddle else 2,
     )  # fmt: skip
     out = torch.empty_like(x)
     block_c = min(1024, triton.next_power_of_2(C))
