@@ -8,15 +8,16 @@ source "$(dirname "$0")/gpu_env.sh" fast-out
 W=${WORK:-/tmp/ossq-gpu}
 mkdir -p "$W"
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv | tee "$OUT/machine.txt"
-timeout "${TEST_S:-200}" python3 -m pytest -q -p no:cacheprovider -n 8 -o addopts="" -rfE tests/test_triton_ops.py \
-  tests/test_triton_prefill.py tests/test_triton_moe.py tests/test_engine.py -k "not interpreter" \
-  2>&1 | tail -40 | tee "$OUT/tests.txt"
+timeout "${TEST_S:-240}" python3 -m pytest -q -p no:cacheprovider -p no:hypothesispytest -n 16 -o addopts="" -rfE \
+  tests/test_triton_ops.py tests/test_triton_prefill.py tests/test_triton_moe.py tests/test_engine.py \
+  >"$OUT/tests.txt" 2>&1
+grep -E "passed|failed|^FAILED|^ERROR" "$OUT/tests.txt" | tail -30
 [ -e "$W/src" ] || (time ossq synth --preset 20b --out "$W/src" --device cuda) 2>&1 | tail -3 | tee "$OUT/synth.txt"
 [ -e "$W/mxfp4-q4" ] || ossq convert --hf-path "$W/src" --mlx-path "$W/mxfp4-q4" -q --q-bits 4 --device cuda 2>&1 | tail -3
 common=(--device cuda --prompt-tokens 90 --warmup 1)
-timeout 200 ossq bench -m "$W/mxfp4-q4" "${common[@]}" --ops triton --gen-tokens 128 --repeats 3 --context 2k \
+timeout 200 python3 -m ossq.cli bench -m "$W/mxfp4-q4" "${common[@]}" --ops triton --cuda-graphs --gen-tokens 128 --repeats 3 --context 2k \
   --batch 8,64 --json "$OUT/bench-graphs.json" --markdown "$OUT/bench-graphs.md" 2>&1 | tail -30
-timeout 90 ossq bench -m "$W/mxfp4-q4" "${common[@]}" --ops triton --no-cuda-graphs --gen-tokens 32 --repeats 2 \
+timeout 90 python3 -m ossq.cli bench -m "$W/mxfp4-q4" "${common[@]}" --ops triton --gen-tokens 32 --repeats 2 \
   --json "$OUT/bench-eager.json" --markdown "$OUT/bench-eager.md" 2>&1 | tail -12
-timeout 90 ossq bench -m "$W/mxfp4-q4" "${common[@]}" --ops torch --gen-tokens 8 --repeats 1 \
+timeout 90 python3 -m ossq.cli bench -m "$W/mxfp4-q4" "${common[@]}" --ops torch --gen-tokens 8 --repeats 1 \
   --json "$OUT/bench-torch.json" --markdown "$OUT/bench-torch.md" 2>&1 | tail -12

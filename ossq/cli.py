@@ -193,10 +193,9 @@ def _add_engine(
         )
     p.add_argument("--ops", default=None, help="op implementation: torch, cpu or triton (default: the device's)")
     p.add_argument(
-        "--no-cuda-graphs",
-        dest="cuda_graphs",
-        action="store_false",
-        help="launch every decode step's kernels one by one instead of replaying CUDA graphs (for comparison)",
+        "--cuda-graphs",
+        action="store_true",
+        help="replay decode steps as CUDA graphs (with --ops triton; experimental, docs/engine.md)",
     )
 
 

@@ -382,8 +382,8 @@ def graph_models():
 def test_graph_replayed_decode_equals_eager_decode(graph_models):
     fast, _ = graph_models
     prompts = [[5, 9, 200, 7, 1], list(range(30, 42)), [100, 101, 102]]  # 3 rows: padded to the 4-row graph
-    eager = generate(fast, prompts, 24, cuda_graphs=False)
-    engine_tokens, engine_logits = generate(fast, prompts, 24)
+    eager = generate(fast, prompts, 24)
+    engine_tokens, engine_logits = generate(fast, prompts, 24, cuda_graphs=True)
     assert engine_tokens == eager[0]
     assert rel_err(engine_logits, eager[1]) < 1e-5
 
@@ -392,21 +392,22 @@ def test_graph_replayed_decode_equals_eager_decode(graph_models):
 def test_the_fast_path_gives_the_reference_tokens_for_200_tokens(graph_models):
     fast, ref = graph_models
     prompt = [[3, 1, 4, 1, 5, 9, 2, 6]]  # past the 8-token window of the sliding layer, and 12 blocks
-    assert generate(fast, prompt, 200, kv_cache_tokens=512)[0] == generate(ref, prompt, 200, kv_cache_tokens=512)[0]
+    graphed = generate(fast, prompt, 200, kv_cache_tokens=512, cuda_graphs=True)[0]
+    assert graphed == generate(ref, prompt, 200, kv_cache_tokens=512)[0]
 
 
 @needs_cuda
 def test_a_graphed_batch_of_16_equals_each_sequence_alone(graph_models):
     fast, _ = graph_models
     prompts = [[(7 * i + j) % 500 for j in range(3 + i)] for i in range(16)]
-    together = generate(fast, prompts, 10, kv_cache_tokens=1024)[0]
-    assert together == [generate(fast, [p], 10)[0][0] for p in prompts]
+    together = generate(fast, prompts, 10, kv_cache_tokens=1024, cuda_graphs=True)[0]
+    assert together == [generate(fast, [p], 10, cuda_graphs=True)[0][0] for p in prompts]
 
 
 @needs_cuda
 def test_a_graph_replay_never_syncs_with_the_host(graph_models):
     fast, _ = graph_models
-    engine = Engine(fast, EngineConfig(kv_cache_tokens=256))
+    engine = Engine(fast, EngineConfig(kv_cache_tokens=256, cuda_graphs=True))
     for i in range(3):
         engine.add_request([1 + i, 2, 3], max_tokens=8)
     engine.step()  # the prefill
