@@ -50,7 +50,7 @@ if DRY:
 from ossq.engine.batch import Batch, SeqChunk  # noqa: E402
 from ossq.engine.kv import BLOCK_TOKENS  # noqa: E402
 from ossq.engine.ops import TorchOps  # noqa: E402
-from ossq.engine.triton import attention, moe, qmm  # noqa: E402
+from ossq.engine.triton import attention, fused, moe, qmm  # noqa: E402
 from ossq.engine.triton.ops import TritonOps  # noqa: E402
 from ossq.quant.spec import QuantSpec  # noqa: E402
 
@@ -319,7 +319,7 @@ def moe_bench(log: Log) -> None:
             err = rel_err(TritonOps().moe(x, l0, **kw), REF.moe(x.float(), f0, **kw))
             ref_us = graph_us([partial(REF.moe, x, mlp, **kw) for mlp in layers], trials=5)
             read = tokens * top_k * per_expert  # each pair reads its expert
-            routes = [moe.route(TritonOps().linear(x, mlp.router), top_k) for mlp in layers]
+            routes = [fused.route(TritonOps().linear(x, mlp.router), top_k) for mlp in layers]
             for bn, bk, warps in MOE_TILES:  # the two expert kernels alone, on each layer's routing
                 t = dict(block_n=bn, block_k=bk, num_warps=warps)
                 us = graph_us([partial(moe.experts, x, mlp.experts, *r, limit=7.0, alpha=1.702, **t)

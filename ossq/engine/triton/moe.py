@@ -1,8 +1,8 @@
 """The mixture of experts for decode-sized steps, with no host synchronisation (formats.md §4.7 g–i).
 
 The router runs as a linear (quantized GEMV when quantized), top-k and the softmax over the k stay on the
-device, and two kernels read only the selected experts' packed bytes, indexing the expert stacks with the
-device-side expert ids:
+device (fused.route), and two kernels read only the selected experts' packed bytes, indexing the expert
+stacks with the device-side expert ids:
 
 - `_gate_up_kernel`, grid (I tiles, N·k pairs): for pair (token t, expert e) both gate and up rows of
   expert e times x[t], biases added, then the clamped SwiGLU
@@ -145,13 +145,6 @@ def experts(
         HAS_BIAS=down.bias is not None, BLOCK_N=block_n, BLOCK_K=bk, MAGIC=magic, num_warps=num_warps,
     )  # fmt: skip
     return out
-
-
-def route(logits: Tensor, top_k: int) -> tuple[Tensor, Tensor]:
-    """Router logits (N, E) → expert ids (N, k) and float32 weights softmax(top-k logits) (N, k), on the
-    device (formats.md §4.7g)."""
-    top_v, top_i = torch.topk(logits, top_k, dim=-1)
-    return top_i, torch.softmax(top_v.float(), dim=-1)
 
 
 # ----------------------------------------------------------------------------------------- grouped experts
