@@ -81,6 +81,7 @@ class DecodeGraphs:
     def _load(self, g: _Graph, chunks: Sequence[SeqChunk]) -> None:
         """Write the step's inputs (padding rows: token 0 at position 0, trash slot, length 0)."""
         B, R = len(chunks), g.rows
+        assert B <= R
         if g.copied is not None:  # the host buffers are rewritten only once their last copy has left them
             g.copied.synchronize()
         h64 = g.host64.numpy()
@@ -97,7 +98,6 @@ class DecodeGraphs:
             h64[2 * R + i] = c.block_table[p // BLOCK_TOKENS] * BLOCK_TOKENS + p % BLOCK_TOKENS
             lens[i] = p + 1
             tables[i, : len(c.block_table)] = c.block_table
-        assert B <= R
         g.dev64.copy_(g.host64, non_blocking=True)
         g.dev32.copy_(g.host32, non_blocking=True)
         g.copied = torch.cuda.Event()
