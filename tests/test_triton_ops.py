@@ -324,7 +324,8 @@ def e2e_specs(model: GptOss) -> dict[str, QuantSpec]:
 def generate(
     model: GptOss, prompts: list[list[int]], max_tokens: int, **config
 ) -> tuple[list[list[int]], torch.Tensor]:
-    engine = Engine(model, EngineConfig(**{"kv_cache_tokens": 256, "prefix_cache": False} | config))
+    defaults = {"kv_cache_tokens": 256, "prefix_cache": False, "cuda_graphs": False}
+    engine = Engine(model, EngineConfig(**defaults | config))
     ids = [engine.add_request(p, max_tokens=max_tokens, logits_from=len(p) - 1) for p in prompts]
     tokens: dict[int, list[int]] = {i: [] for i in ids}
     logits: dict[int, list[torch.Tensor]] = {i: [] for i in ids}
@@ -386,6 +387,27 @@ def test_graph_replayed_decode_equals_eager_decode(graph_models):
     engine_tokens, engine_logits = generate(fast, prompts, 24, cuda_graphs=True)
     assert engine_tokens == eager[0]
     assert rel_err(engine_logits, eager[1]) < 1e-5
+
+
+@needs_cuda
+def test_graph_inputs_survive_the_allocator_reusing_freed_memory(graph_models):
+    # a graph reads raw pointers: an input made for the capture and then freed (the logits rows once were)
+    # gets reused, and the replay reads whatever lands there as indices. Fill every small free block with
+    # an out-of-range index between the steps.
+    fast, _ = graph_models
+    prompts = [[5, 9, 200, 7, 1], list(range(30, 42)), [100, 101, 102]]
+    eager = generate(fast, prompts, 12)[0]
+    engine = Engine(fast, EngineConfig(kv_cache_tokens=256, prefix_cache=False))
+    ids = [engine.add_request(p, max_tokens=12) for p in prompts]
+    tokens: dict[int, list[int]] = {i: [] for i in ids}
+    while engine.has_unfinished:
+        junk = [torch.full((n,), 1 << 40, dtype=torch.int64, device="cuda") for n in (1, 64, 512) for _ in range(256)]
+        del junk
+        for out in engine.step():
+            if out.token is not None:
+                tokens[out.request_id].append(out.token)
+    assert engine.graphs.graphs
+    assert [tokens[i] for i in ids] == eager
 
 
 @needs_cuda

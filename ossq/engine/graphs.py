@@ -15,6 +15,10 @@ What a graph needs, and where it comes from:
   tokens (engine/ops.py); the Triton decode attention sizes its splits on the device, so one graph
   serves every length of its width.
 
+- **Inputs that outlive the capture.** A graph holds raw pointers: every tensor made outside the capture
+  and read inside it (the buffers above, the logits rows) is kept with the graph, or the allocator hands
+  its memory to the next tensor and the replay reads that tensor's values as indices.
+
 Graphs share one memory pool; only one replays at a time, and its logits are read before the next.
 """
 
@@ -42,9 +46,11 @@ def bucket(num_seqs: int) -> int | None:
 @dataclass
 class _Graph:
     """One captured decode step of `batch` rows and table `width`, with its input buffers: `host64` /
-    `dev64` hold tokens, positions and slots; `host32` / `dev32` lengths and block tables."""
+    `dev64` hold tokens, positions and slots; `host32` / `dev32` lengths and block tables; `batch` the
+    views of them (and the logits rows) the graph was captured with."""
 
     graph: torch.cuda.CUDAGraph
+    batch: Batch
     host64: torch.Tensor
     host32: torch.Tensor
     dev64: torch.Tensor
@@ -122,7 +128,7 @@ class DecodeGraphs:
             host_seq_lens=(1,) * rows,  # only their count reaches the graphed ops
             max_kv_size=self.max_kv_size,
         )
-        g = _Graph(torch.cuda.CUDAGraph(), host64, host32, dev64, dev32, torch.empty(0), rows, width)
+        g = _Graph(torch.cuda.CUDAGraph(), batch, host64, host32, dev64, dev32, torch.empty(0), rows, width)
         self._load(g, [])  # capture on padding rows: they write only the trash block
         stream = torch.cuda.Stream(device)
         stream.wait_stream(torch.cuda.current_stream(device))
