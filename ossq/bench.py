@@ -465,7 +465,7 @@ def bench(
     seed: int = 0,
     kv_cache_tokens: int | None = None,
     ops: str | None = None,
-    cuda_graphs: bool = False,
+    cuda_graphs: bool = True,
     progress: bool = True,
     json_path: str | Path | None = None,
     markdown_path: str | Path | None = None,

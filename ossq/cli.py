@@ -193,9 +193,10 @@ def _add_engine(
         )
     p.add_argument("--ops", default=None, help="op implementation: torch, cpu or triton (default: the device's)")
     p.add_argument(
-        "--cuda-graphs",
-        action="store_true",
-        help="replay decode steps as CUDA graphs (with --ops triton; experimental, docs/engine.md)",
+        "--no-cuda-graphs",
+        dest="cuda_graphs",
+        action="store_false",
+        help="launch every decode step's kernels one by one instead of replaying CUDA graphs (for comparison)",
     )
 
 
@@ -350,12 +351,6 @@ def _add_ppl(sub) -> None:
     p.add_argument("--kl-reference", default=None, help="model whose distribution KL is measured against")
     _add_device(p)
     p.add_argument("--ops", default=None, help="op implementation: torch, cpu or triton (default: the device's)")
-    p.add_argument(
-        "--no-cuda-graphs",
-        dest="cuda_graphs",
-        action="store_false",
-        help="launch every decode step's kernels one by one instead of replaying CUDA graphs (for comparison)",
-    )
     _add_outputs(p)
 
 

@@ -34,15 +34,14 @@ class EngineConfig:
     """How the engine runs. `kv_cache_tokens` sizes the pool (None: engine/kv.py's default);
     `max_batch_tokens` is the step's token budget (prefill chunk); `max_kv_size` caps the keys the
     full-attention layers see, as mlx-lm's option; `cuda_graphs` replays decode steps as CUDA graphs
-    where the ops allow it (engine/graphs.py; opt-in until a failure on full-size 20b checkpoints is
-    fixed, docs/engine.md)."""
+    where the ops allow it (on CUDA with the Triton ops, engine/graphs.py)."""
 
     kv_cache_tokens: int | None = None
     max_num_seqs: int = 64
     max_batch_tokens: int = PREFILL_CHUNK_TOKENS
     max_kv_size: int | None = None
     prefix_cache: bool = True
-    cuda_graphs: bool = False
+    cuda_graphs: bool = True
 
     def __post_init__(self) -> None:
         for name in ("kv_cache_tokens", "max_kv_size"):
@@ -256,10 +255,16 @@ class Engine:
         def tensor(values: list[int]) -> torch.Tensor:
             return device_tensor(values, torch.int64, device)
 
-        rows = tensor([p.first_row + p.num_rows - 1 for p in plan])
+        rows = [p.first_row + p.num_rows - 1 for p in plan]
+        # consecutive rows (every decode step) are a view, not a gather
+        last = logits[rows[0] : rows[0] + len(rows)] if rows == list(range(rows[0], rows[0] + len(rows))) else None
+        recent = _recent(reqs, device)
+        if last is not None and recent is None and all(r.params.greedy for r in reqs):
+            return last.argmax(-1)  # what `sample` does for greedy rows, without its per-row parameter copies
+        last = logits[tensor(rows)] if last is None else last
         params = SamplingBatch.from_params([r.params for r in reqs], device)
         seeds, counters = tensor([r.seed for r in reqs]), tensor([len(r.output) for r in reqs])
-        return sample(logits[rows], params, seeds=seeds, counters=counters, recent=_recent(reqs, device))
+        return sample(last, params, seeds=seeds, counters=counters, recent=recent)
 
     def _update(self, p: _Planned, logits: torch.Tensor) -> StepOutput:
         """Book the step for one request (its positions are committed): the sampled token, stop or length."""

@@ -17,6 +17,7 @@ tokens by expert, which reads the routing back once per layer; a fast path does 
 from __future__ import annotations
 
 import importlib
+import importlib.util
 from collections.abc import Sequence
 from typing import Any, Protocol
 
@@ -269,8 +270,13 @@ OPS = {
 
 def default_ops(device: torch.device) -> str:
     """The implementation a device runs when none is named: the CPU re-lays quantized weights (engine/
-    cpu_ops.py; in float32 its outputs equal TorchOps's to rounding), CUDA keeps the reference for now."""
-    return "cpu" if device.type == "cpu" else "torch"
+    cpu_ops.py; in float32 its outputs equal TorchOps's to rounding), CUDA runs the Triton kernels where
+    Triton is installed, anything else the reference."""
+    if device.type == "cpu":
+        return "cpu"
+    if device.type == "cuda" and importlib.util.find_spec("triton") is not None:
+        return "triton"
+    return "torch"
 
 
 def select_ops(name: str | None = None, device: torch.device | None = None) -> Ops:
