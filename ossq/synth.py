@@ -6,6 +6,10 @@ with an index, experts as MXFP4 `*_blocks`/`*_scales` + bf16 `*_bias`, everythin
 o200k_harmony tokenizer.json. Weights are random but scaled (≈ 1/√fan-in) so activations stay finite and
 O(1) through every layer; the expert codes and E8M0 scales are drawn directly, which makes full-size
 presets quick to produce. Written to a hidden staging dir and renamed only when complete (formats.mlx.staging).
+
+`random_quantized_model` skips the files: it draws a model's stored codes, scales and biases straight
+into a GptOss on the device, as a recipe would store them. That is how gpt-oss-120b is benchmarked on a
+machine whose disk cannot hold its 65 GB source: speed depends on the layout, not on the values.
 """
 
 from __future__ import annotations
@@ -14,15 +18,21 @@ import json
 import math
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from safetensors.torch import save_file
 
 from ossq.config import ModelConfig, preset
-from ossq.device import resolve_device
+from ossq.device import default_dtype, resolve_device
 from ossq.errors import OssqError
 from ossq.formats.mlx import INDEX_FILE, check_creatable, layer_prefix, remove_stale_staging, staging
+from ossq.quant.recipe import Recipe, plan
 from ossq.tokenizer import write_tokenizer_files
+
+if TYPE_CHECKING:
+    from ossq.engine.model import GptOss, Linear
+    from ossq.engine.ops import Ops
 
 MAX_SHARD_BYTES = 5 * 10**9
 E2M1_RMS = math.sqrt(sum(v * v for v in (0, 0.5, 1, 1.5, 2, 3, 4, 6)) / 8)  # of a uniformly random code
@@ -162,3 +172,53 @@ def synthesize(
             f.chmod(0o644)  # safetensors writes through a private temp file (0600)
         tmp.chmod(0o755)
     return out
+
+
+@torch.no_grad()
+def random_quantized_model(
+    config: ModelConfig | str,
+    recipe: Recipe,
+    *,
+    device: str | None = None,
+    dtype: torch.dtype | None = None,
+    ops: Ops | str | None = None,
+    seed: int = 0,
+) -> GptOss:
+    """A GptOss stored as `recipe` says, its codes drawn uniformly and its scales chosen so every weight
+    has about 1/√fan-in RMS, built on the device without a checkpoint; `ops.prepare` has run."""
+    from ossq.engine.model import GptOss, Linear
+    from ossq.engine.ops import select_ops
+
+    config = preset(config) if isinstance(config, str) else config
+    dev = resolve_device(device)
+    ops = select_ops(ops, dev) if ops is None or isinstance(ops, str) else ops
+    gen = torch.Generator(device=dev).manual_seed(seed)
+    with torch.device(dev):
+        model = GptOss(config, plan(recipe, config).specs, dtype=dtype or default_dtype(dev), ops=ops)
+    for module in model.modules():
+        if isinstance(module, Linear):
+            _draw_linear(module, gen)
+    for name, buf in model.named_buffers():
+        if name.endswith("sinks"):
+            buf.normal_(generator=gen)
+    ops.prepare(model)
+    return model.eval()
+
+
+def _draw_linear(lin: Linear, gen: torch.Generator) -> None:
+    spec = lin.spec
+    fan_in = lin.scales.shape[-1] * spec.group_size if spec else lin.weight.shape[-1]
+    std = fan_in**-0.5
+    if lin.bias is not None:
+        lin.bias.normal_(std=0.05, generator=gen)
+    if spec is None:
+        lin.weight.normal_(std=std, generator=gen)
+        return
+    packed = lin.weight.view(torch.int32)
+    packed.copy_(torch.randint(-(2**31), 2**31, packed.shape, generator=gen, device=packed.device, dtype=torch.int32))
+    if spec.mode == "mxfp4":
+        lin.scales.fill_(round(127 + math.log2(std / E2M1_RMS)))
+        return
+    half = std * math.sqrt(3)  # uniform codes over [−half, half] have RMS std
+    lin.scales.fill_(2 * half / (2**spec.bits - 1))
+    lin.biases.fill_(-half)
