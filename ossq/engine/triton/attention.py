@@ -27,6 +27,7 @@ from torch import Tensor
 
 from ossq.engine.batch import Batch
 from ossq.engine.kv import BLOCK_TOKENS
+from ossq.engine.triton.launch import launch_args, wait_for_inputs
 
 BLOCK_T = 32  # positions per step (two pool blocks)
 PROGRAMS_PER_SM = 2  # split the sequence until the grid has about this many programs per multiprocessor
@@ -52,7 +53,8 @@ def _decode_kernel(q_ptr, k_ptr, v_ptr, sinks_ptr, tables_ptr, lens_ptr, out_ptr
                    scale, min_split, stride_qs, stride_qh, stride_kr, stride_kh, stride_ts, REP: tl.constexpr,
                    D: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_T: tl.constexpr,
                    PAGE: tl.constexpr, HAS_WINDOW: tl.constexpr, ONE_SPLIT: tl.constexpr,
-                   PRECISION: tl.constexpr):  # fmt: skip
+                   PRECISION: tl.constexpr, PDL: tl.constexpr):  # fmt: skip
+    wait_for_inputs(PDL)
     s = tl.program_id(0)
     kvh = tl.program_id(1)
     sp = tl.program_id(2)
@@ -113,8 +115,9 @@ def _decode_kernel(q_ptr, k_ptr, v_ptr, sinks_ptr, tables_ptr, lens_ptr, out_ptr
 
 @triton.jit
 def _combine_kernel(ml_ptr, acc_ptr, out_ptr, splits, stride_qs, stride_qh, D: tl.constexpr,
-                    BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr):  # fmt: skip
+                    BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr, PDL: tl.constexpr):  # fmt: skip
     """Grid (S, H): merge the splits' (max, denominator, output) of one head."""
+    wait_for_inputs(PDL)
     s = tl.program_id(0)
     h = tl.program_id(1)
     row = (s * tl.num_programs(1) + h) * splits
@@ -172,9 +175,10 @@ def decode(
         q.stride(0), q.stride(1), k_pool.stride(0), k_pool.stride(1), tables.stride(0),
         REP=rep, D=D, BLOCK_R=max(16, triton.next_power_of_2(rep)), BLOCK_D=max(16, triton.next_power_of_2(D)),
         BLOCK_T=BLOCK_T, PAGE=BLOCK_TOKENS, HAS_WINDOW=window is not None, ONE_SPLIT=splits == 1,
-        PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+        PRECISION="ieee" if q.dtype == torch.float32 else "tf32", **launch_args(q.device),
     )  # fmt: skip
     if splits > 1:
         _combine_kernel[(S, H)](ml, acc, out, splits, q.stride(0), q.stride(1), D=D,
-                                BLOCK_D=triton.next_power_of_2(D), BLOCK_S=triton.next_power_of_2(splits))  # fmt: skip
+                                BLOCK_D=triton.next_power_of_2(D), BLOCK_S=triton.next_power_of_2(splits),
+                                **launch_args(q.device))  # fmt: skip
     return out

@@ -15,11 +15,14 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from ossq.engine.triton.launch import launch_args, wait_for_inputs
+
 
 @triton.jit
 def _rms_norm_kernel(x_ptr, d_ptr, w_ptr, sum_ptr, out_ptr, C, eps, stride_x, stride_d, HAS_DELTA: tl.constexpr,
-                     BLOCK_C: tl.constexpr):  # fmt: skip
+                     BLOCK_C: tl.constexpr, PDL: tl.constexpr):  # fmt: skip
     """One row: s = x (+ delta), rounded to x's dtype; out = weight · s / rms(s)."""
+    wait_for_inputs(PDL)
     row = tl.program_id(0).to(tl.int64)
     offs = tl.arange(0, BLOCK_C)
     mask = offs < C
@@ -43,7 +46,8 @@ def rms_norm(x: Tensor, weight: Tensor, eps: float, delta: Tensor | None = None)
     if N:
         d = x if delta is None else delta
         _rms_norm_kernel[(N,)](x, d, weight, total, out, C, float(eps), x.stride(0), d.stride(0),
-                               HAS_DELTA=delta is not None, BLOCK_C=triton.next_power_of_2(C))  # fmt: skip
+                               HAS_DELTA=delta is not None, BLOCK_C=triton.next_power_of_2(C),
+                               **launch_args(x.device))  # fmt: skip
     return total, out
 
 
@@ -63,8 +67,9 @@ def _rotate(x_ptr, c, s, offs_h, offs_d, h_mask, HALF: tl.constexpr):
 @triton.jit
 def _rope_store_kernel(q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, slots_ptr, q_out, k_pool, v_pool, stride_q,
                        stride_k, stride_v, stride_pool, H: tl.constexpr, K: tl.constexpr, HALF: tl.constexpr,
-                       BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr):  # fmt: skip
+                       BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr):  # fmt: skip
     """One token: rotated q to q_out; rotated k and v to pool row slots[token]."""
+    wait_for_inputs(PDL)
     t = tl.program_id(0).to(tl.int64)
     offs_d = tl.arange(0, HALF)
     c = tl.load(cos_ptr + t * HALF + offs_d).to(tl.float32)[None, :]
@@ -102,14 +107,16 @@ def rope_and_store(
     if N:
         _rope_store_kernel[(N,)](q, k, v, cos, sin, slots, out, k_pool, v_pool, q.stride(0), k.stride(0),
                                  v.stride(0), k_pool.stride(0), H=H, K=K, HALF=half,
-                                 BLOCK_H=triton.next_power_of_2(H), BLOCK_K=triton.next_power_of_2(K))  # fmt: skip
+                                 BLOCK_H=triton.next_power_of_2(H), BLOCK_K=triton.next_power_of_2(K),
+                                 **launch_args(q.device))  # fmt: skip
     return out
 
 
 @triton.jit
 def _route_kernel(logits_ptr, ids_ptr, weights_ptr, E, stride_l, TOP_K: tl.constexpr, BLOCK_E: tl.constexpr,
-                  BLOCK_K: tl.constexpr):  # fmt: skip
+                  BLOCK_K: tl.constexpr, PDL: tl.constexpr):  # fmt: skip
     """One token: the TOP_K largest router logits (ties to the lower expert id), softmax over them."""
+    wait_for_inputs(PDL)
     t = tl.program_id(0).to(tl.int64)
     offs = tl.arange(0, BLOCK_E)
     offs_k = tl.arange(0, BLOCK_K)
@@ -137,5 +144,6 @@ def route(logits: Tensor, top_k: int) -> tuple[Tensor, Tensor]:
     weights = torch.empty(N, top_k, dtype=torch.float32, device=logits.device)
     if N:
         _route_kernel[(N,)](logits, ids, weights, E, logits.stride(0), TOP_K=top_k,
-                            BLOCK_E=triton.next_power_of_2(E), BLOCK_K=triton.next_power_of_2(top_k))  # fmt: skip
+                            BLOCK_E=triton.next_power_of_2(E), BLOCK_K=triton.next_power_of_2(top_k),
+                            **launch_args(logits.device))  # fmt: skip
     return ids, weights

@@ -42,6 +42,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from ossq.engine.triton.launch import launch_args, wait_for_inputs
 from ossq.engine.triton.qmm import _row_matvec, _step, check_layout
 
 
@@ -49,7 +50,8 @@ from ossq.engine.triton.qmm import _row_matvec, _step, check_layout
 def _gate_up_kernel(x_ptr, idx_ptr, gw, gs, gb, gbias, uw, us, ub, ubias, act_ptr, I, K, limit, alpha,
                     stride_xm, stride_we, stride_wn, stride_se, stride_sn, stride_bias_e, TOP_K: tl.constexpr,
                     BITS: tl.constexpr, G: tl.constexpr, MXFP4: tl.constexpr, HAS_BIAS: tl.constexpr,
-                    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, MAGIC: tl.constexpr):  # fmt: skip
+                    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, MAGIC: tl.constexpr, PDL: tl.constexpr):  # fmt: skip
+    wait_for_inputs(PDL)
     pid_n = tl.program_id(0)
     pair = tl.program_id(1)
     expert = tl.load(idx_ptr + pair).to(tl.int64)
@@ -74,7 +76,8 @@ def _gate_up_kernel(x_ptr, idx_ptr, gw, gs, gb, gbias, uw, us, ub, ubias, act_pt
 def _down_kernel(act_ptr, idx_ptr, route_ptr, dw, ds, db, dbias, out_ptr, C, I, stride_we, stride_wn, stride_se,
                  stride_sn, stride_bias_e, stride_om, TOP_K: tl.constexpr, BITS: tl.constexpr, G: tl.constexpr,
                  MXFP4: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                 MAGIC: tl.constexpr):  # fmt: skip
+                 MAGIC: tl.constexpr, PDL: tl.constexpr):  # fmt: skip
+    wait_for_inputs(PDL)
     pid_n = tl.program_id(0)
     token = tl.program_id(1)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -134,6 +137,7 @@ def experts(
         x.stride(0), gw.stride(0), gw.stride(1), gs.stride(0), gs.stride(1), gbias.stride(0),
         TOP_K=k, BITS=gate.spec.bits, G=gate.spec.group_size, MXFP4=gate.spec.mode == "mxfp4",
         HAS_BIAS=gate.bias is not None, BLOCK_N=block_n, BLOCK_K=bk, MAGIC=magic, num_warps=num_warps,
+        **launch_args(x.device),
     )  # fmt: skip
     out = torch.empty_like(x)
     dw, ds, db, dbias = _stack_args(down, I)
@@ -143,6 +147,7 @@ def experts(
         dbias.stride(0), out.stride(0),
         TOP_K=k, BITS=down.spec.bits, G=down.spec.group_size, MXFP4=down.spec.mode == "mxfp4",
         HAS_BIAS=down.bias is not None, BLOCK_N=block_n, BLOCK_K=bk, MAGIC=magic, num_warps=num_warps,
+        **launch_args(x.device),
     )  # fmt: skip
     return out
 
@@ -176,7 +181,9 @@ def _grouped_gate_up_kernel(x_ptr, pairs_ptr, block_expert_ptr, gw, gs, gb, gbia
                             E, I, K, limit, alpha, stride_we, stride_wn, stride_se, stride_sn, stride_bias_e,
                             TOP_K: tl.constexpr, BITS: tl.constexpr, G: tl.constexpr, MXFP4: tl.constexpr,
                             HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                            BLOCK_K: tl.constexpr, MAGIC: tl.constexpr, PRECISION: tl.constexpr):  # fmt: skip
+                            BLOCK_K: tl.constexpr, MAGIC: tl.constexpr, PRECISION: tl.constexpr,
+                            PDL: tl.constexpr):  # fmt: skip
+    wait_for_inputs(PDL)
     pid_n = tl.program_id(0)
     blk = tl.program_id(1)
     expert = tl.load(block_expert_ptr + blk).to(tl.int64)
@@ -209,7 +216,8 @@ def _grouped_down_kernel(act_ptr, pairs_ptr, block_expert_ptr, route_ptr, dw, ds
                          stride_we, stride_wn, stride_se, stride_sn, stride_bias_e, BITS: tl.constexpr,
                          G: tl.constexpr, MXFP4: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr,
                          BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, MAGIC: tl.constexpr,
-                         PRECISION: tl.constexpr):  # fmt: skip
+                         PRECISION: tl.constexpr, PDL: tl.constexpr):  # fmt: skip
+    wait_for_inputs(PDL)
     pid_n = tl.program_id(0)
     blk = tl.program_id(1)
     expert = tl.load(block_expert_ptr + blk).to(tl.int64)
@@ -232,8 +240,9 @@ def _grouped_down_kernel(act_ptr, pairs_ptr, block_expert_ptr, route_ptr, dw, ds
 
 
 @triton.jit
-def _sum_pairs_kernel(y_ptr, out_ptr, C, TOP_K: tl.constexpr, BLOCK_C: tl.constexpr):
+def _sum_pairs_kernel(y_ptr, out_ptr, C, TOP_K: tl.constexpr, BLOCK_C: tl.constexpr, PDL: tl.constexpr):
     """out[t] = Σ_j y[t·k + j], j in order, summed in float32."""
+    wait_for_inputs(PDL)
     token = tl.program_id(0).to(tl.int64)
     offs = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     mask = offs < C
@@ -314,6 +323,7 @@ def grouped_experts(
         TOP_K=k, BITS=gate.spec.bits, G=gate.spec.group_size, MXFP4=gate.spec.mode == "mxfp4",
         HAS_BIAS=gate.bias is not None, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=step, MAGIC=magic, PRECISION=precision,
         num_warps=num_warps,
+        **launch_args(x.device),
         num_stages=1 if straddle else 2,
     )  # fmt: skip
     y = torch.empty(N * k, C, dtype=torch.float32, device=x.device)
@@ -325,9 +335,10 @@ def grouped_experts(
         BITS=down.spec.bits, G=down.spec.group_size, MXFP4=down.spec.mode == "mxfp4",
         HAS_BIAS=down.bias is not None, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=step, MAGIC=magic, PRECISION=precision,
         num_warps=num_warps,
+        **launch_args(x.device),
         num_stages=1 if straddle else 2,
     )  # fmt: skip
     out = torch.empty_like(x)
     block_c = min(1024, triton.next_power_of_2(C))
-    _sum_pairs_kernel[(N, triton.cdiv(C, block_c))](y, out, C, TOP_K=k, BLOCK_C=block_c)
+    _sum_pairs_kernel[(N, triton.cdiv(C, block_c))](y, out, C, TOP_K=k, BLOCK_C=block_c, **launch_args(x.device))
     return out

@@ -35,6 +35,7 @@ from torch import Tensor
 from ossq.engine.batch import Batch, device_tensor
 from ossq.engine.kv import BLOCK_TOKENS
 from ossq.engine.triton.attention import _kv_tile
+from ossq.engine.triton.launch import launch_args, wait_for_inputs
 
 TILE_ROWS = 128  # MMA rows a tile aims for: the default BLOCK_M is TILE_ROWS // REP query positions
 BLOCK_N = 64  # key positions per step (four pool blocks)
@@ -46,7 +47,9 @@ NUM_STAGES = 2
 def _prefill_kernel(q_ptr, k_ptr, v_ptr, sinks_ptr, tables_ptr, work_ptr, out_ptr, window, scale, stride_qn,
                     stride_qh, stride_on, stride_oh, stride_kr, stride_kh, stride_ts, REP: tl.constexpr,
                     D: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
-                    PAGE: tl.constexpr, HAS_WINDOW: tl.constexpr, PRECISION: tl.constexpr):  # fmt: skip
+                    PAGE: tl.constexpr, HAS_WINDOW: tl.constexpr, PRECISION: tl.constexpr,
+                    PDL: tl.constexpr):  # fmt: skip
+    wait_for_inputs(PDL)
     tile = tl.program_id(0)
     kvh = tl.program_id(1)
     work = work_ptr + tile * 4  # (sequence, first query row, rows, position of the first row)
@@ -147,6 +150,6 @@ def prefill(
         REP=rep, D=D, BLOCK_R=max(16, triton.next_power_of_2(block_m * rep)),
         BLOCK_D=max(16, triton.next_power_of_2(D)), BLOCK_N=block_n, PAGE=BLOCK_TOKENS,
         HAS_WINDOW=window is not None, PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
-        num_warps=num_warps, num_stages=num_stages,
+        num_warps=num_warps, num_stages=num_stages, **launch_args(q.device),
     )  # fmt: skip
     return out

@@ -32,6 +32,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from ossq.engine.triton.launch import launch_args, wait_for_inputs
 from ossq.quant.spec import QuantSpec
 
 REDUCE_MAX_ROWS = 2  # rows up to which the CUDA-core reduce kernel runs (faster there on the H200), tl.dot beyond
@@ -241,8 +242,9 @@ def _epilogue(acc, offs_m, offs_n, mask, out_ptr, part_ptr, ticket_ptr, bias_ptr
 def _qmv_kernel(x_ptr, w_ptr, s_ptr, b_ptr, bias_ptr, out_ptr, part_ptr, ticket_ptr, M, N, K, k_per_split,
                 stride_xm, stride_wn, stride_sn, stride_om, BITS: tl.constexpr, G: tl.constexpr,
                 MXFP4: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                DIRECT: tl.constexpr, MAGIC: tl.constexpr):  # fmt: skip
+                DIRECT: tl.constexpr, MAGIC: tl.constexpr, PDL: tl.constexpr):  # fmt: skip
     """Grid (M, N tiles, splits): one row times BLOCK_N rows of W over one K split, on the CUDA cores."""
+    wait_for_inputs(PDL)
     m = tl.program_id(0)
     pid_n = tl.program_id(1)
     sp = tl.program_id(2)
@@ -262,9 +264,10 @@ def _qmm_kernel(x_ptr, w_ptr, s_ptr, b_ptr, bias_ptr, out_ptr, part_ptr, ticket_
                 stride_xm, stride_wn, stride_sn, stride_om, BITS: tl.constexpr, G: tl.constexpr,
                 MXFP4: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                 BLOCK_K: tl.constexpr, DIRECT: tl.constexpr, MAGIC: tl.constexpr,
-                PRECISION: tl.constexpr):  # fmt: skip
+                PRECISION: tl.constexpr, PDL: tl.constexpr):  # fmt: skip
     """Grid (N tiles, splits, M tiles): a BLOCK_M × BLOCK_N output tile through tl.dot, the weight tile
     dequantized in registers to x's dtype."""
+    wait_for_inputs(PDL)
     pid_n = tl.program_id(0)
     sp = tl.program_id(1)
     pid_m = tl.program_id(2)
@@ -373,7 +376,7 @@ def qmm(
             scales.stride(0), out.stride(0))  # fmt: skip
     common = dict(BITS=spec.bits, G=spec.group_size, MXFP4=spec.mode == "mxfp4", HAS_BIAS=bias is not None,
                   BLOCK_N=tiles.block_n, BLOCK_K=tiles.block_k, DIRECT=direct, MAGIC=tiles.magic,
-                  num_warps=tiles.num_warps, num_stages=tiles.num_stages)  # fmt: skip
+                  num_warps=tiles.num_warps, num_stages=tiles.num_stages, **launch_args(x.device))  # fmt: skip
     if reduce:
         _qmv_kernel[(M, n_tiles, splits)](*args, **common)
     else:
