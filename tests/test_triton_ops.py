@@ -28,7 +28,7 @@ from ossq.engine.kv import BLOCK_TOKENS  # noqa: E402
 from ossq.engine.model import GptOss, Linear  # noqa: E402
 from ossq.engine.ops import TorchOps, rope, select_ops  # noqa: E402
 from ossq.engine.triton import attention, fused, moe, prefill, qmm  # noqa: E402
-from ossq.engine.triton.ops import MOE_MAX_PAIRS, TritonOps  # noqa: E402
+from ossq.engine.triton.ops import MOE_MAX_PAIRS, TritonOps, relayout  # noqa: E402
 from ossq.quant import affine, mxfp4  # noqa: E402
 from ossq.quant.spec import QuantSpec  # noqa: E402
 from tests.conftest import random_model, small_config  # noqa: E402
@@ -355,6 +355,26 @@ def test_quantized_model_through_the_engine_matches_torch_ops(monkeypatch):
     assert tokens == ref_tokens
     assert rel_err(logits, ref_logits) < 1e-4
     assert all(calls[name] for _, name in kernels), calls  # every kernel ran
+
+
+def test_relayout_repacks_straddling_widths_and_changes_no_output():
+    source = random_model(small_config(num_hidden_layers=2))
+    specs = e2e_specs(source)  # 6-bit attention
+    for i in range(2):
+        specs |= {f"model.layers.{i}.mlp.experts.{n}": QuantSpec(3, 32) for n in ("gate_proj", "up_proj", "down_proj")}
+    specs["lm_head"] = QuantSpec(5, 64)
+    model = quantized_model(source, specs, TorchOps()).cpu()
+    ids = [[5, 9, 200, 7, 1, 3]]
+    before = generate(model, ids, 4)
+    stored = {path: model.get_submodule(path).weight.nbytes for path in specs}
+    assert not relayout(model, free_bytes=0)  # no room: nothing changes
+    assert relayout(model, free_bytes=1 << 40)
+    widths = {path: model.get_submodule(path).spec.bits for path in specs}
+    assert widths["lm_head"] == 8 and widths["model.layers.0.mlp.experts.down_proj"] == 4
+    assert widths["model.layers.1.self_attn.q_proj"] == 8 and widths["model.layers.0.mlp.router"] == 8
+    assert model.get_submodule("lm_head").weight.nbytes == stored["lm_head"] * 8 // 5
+    after = generate(model, ids, 4)
+    assert after[0] == before[0] and torch.equal(after[1], before[1])  # the same codes, scales and biases
 
 
 def counted(fn, name: str, calls: Counter):
