@@ -40,6 +40,7 @@ def load_model(
         assert set(ckpt.expected) <= set(buffers), "model and checkpoint name sets diverged"
         for name in ckpt.names():
             _fill(buffers[name], ckpt.read(name), name)
+        del buffers  # prepare may replace buffers: the old ones must go as it does
     finally:
         ckpt.close()
     ops.prepare(model)
