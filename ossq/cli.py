@@ -354,6 +354,34 @@ def _add_ppl(sub) -> None:
     _add_outputs(p)
 
 
+def _add_serve(sub) -> None:
+    p = _sub(sub, "serve", "an OpenAI-compatible HTTP server: chat completions, responses, completions (docs/serve.md)")
+    p.add_argument("-m", "--model", required=True, help="checkpoint directory or hub id")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
+    p.add_argument("--port", type=_int_in(0, 65535, " (0 = any free port)"), default=8080, help="port to listen on")
+    p.add_argument(
+        "--api-key",
+        default=os.environ.get("OSSQ_API_KEY"),
+        help="require 'Authorization: Bearer KEY' on /v1 (default: $OSSQ_API_KEY, else no key)",
+    )
+    p.add_argument("--served-model-name", default=None, help="the model id clients send (default: the -m name)")
+    p.add_argument(
+        "--max-queue",
+        type=_int_in(0),
+        default=256,
+        help="requests that may wait beyond --max-num-seqs running ones; past that, 429",
+    )
+    p.add_argument(
+        "--max-kv-size",
+        type=_int_in(1),
+        default=None,
+        help="cap the keys a full-attention layer keeps (a rotating cache, as mlx-lm's option; default: no cap)",
+    )
+    p.add_argument("--log-level", choices=("debug", "info", "warning", "error"), default="info", help="log detail")
+    _add_device(p)
+    _add_engine(p)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="ossq", description="gpt-oss: convert, run and measure.", formatter_class=_HelpFormatter)
     parser.add_argument("-V", "--version", action="version", version=f"ossq {__version__}")
@@ -383,6 +411,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_convert(sub)
     _add_bench(sub)
     _add_ppl(sub)
+    _add_serve(sub)
 
     p = _sub(sub, "quickstart", "synthesize a tiny model and chat with it: a smoke test of the install")
     p.add_argument("--cache-dir", type=Path, default=None, help="where to keep the tiny model (default: ossq's cache)")
@@ -884,6 +913,28 @@ def cmd_ppl(args: argparse.Namespace) -> int:
     return 1 if any(r.error for r in result.results) else 0
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    try:
+        from ossq.serve.app import ServeConfig, listen, serve
+    except ImportError as e:
+        raise OssqError(
+            f"ossq serve needs FastAPI and uvicorn ({e.name or e} is not installed): pip install 'ossq[serve]'"
+        ) from None
+    from ossq.chat import load_for_chat
+    from ossq.engine.engine import Engine
+
+    _check_model("-m", args.model)
+    engine_config = _engine_config(args)
+    name = args.served_model_name or (Path(args.model).name if Path(args.model).expanduser().is_dir() else args.model)
+    if args.api_key is None and args.host not in ("127.0.0.1", "localhost", "::1"):
+        print(f"ossq serve: warning: listening on {args.host} without --api-key", file=sys.stderr)
+    sock = listen(args.host, args.port)  # a busy port fails now, not after the load
+    model, tokenizer = load_for_chat(args.model, device=args.device, ops=args.ops)
+    config = ServeConfig(name, api_key=args.api_key, max_queue=args.max_queue)
+    serve(Engine(model, engine_config), tokenizer, config, sock, log_level=args.log_level)
+    return 0
+
+
 def cmd_quickstart(args: argparse.Namespace) -> int:
     from ossq.quickstart import quickstart
 
@@ -898,6 +949,7 @@ COMMANDS = {
     "convert": cmd_convert,
     "bench": cmd_bench,
     "ppl": cmd_ppl,
+    "serve": cmd_serve,
     "quickstart": cmd_quickstart,
 }
 

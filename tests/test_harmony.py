@@ -248,3 +248,117 @@ def test_stop_tokens_are_return_and_call_never_end():
     assert END not in STOP_TOKENS
     assert [_ids(s) for s in ("<|return|>", "<|call|>", "<|end|>")] == [[RETURN], [CALL], [END]]
     assert set(harmony.encoding().stop_tokens_for_assistant_actions()) == set(STOP_TOKENS)
+
+
+# ---- a tolerant parser: each way a model breaks the grammar degrades to what it meant ------------------------
+def _messages(reply: Reply) -> list[tuple]:
+    return [(m.channel, m.recipient, m.content_type, m.content[0].text) for m in reply.messages]
+
+
+def test_a_tool_call_on_the_analysis_channel_is_a_call_and_not_analysis():
+    reply = parse_reply(
+        _ids('<|channel|>analysis to=functions.get_weather <|constrain|>json<|message|>{"city":"Paris"}<|call|>')
+    )
+    assert reply.tool_calls == (ToolCall("get_weather", '{"city":"Paris"}'),)
+    assert (reply.analysis, reply.final, reply.error, reply.truncated) == ("", "", None, False)
+
+
+def test_the_recipient_may_sit_in_the_role_part_of_a_header():
+    reply = parse_reply(
+        _ids(
+            ANALYSED.removesuffix("<|channel|>")
+            + " to=functions.get_weather<|channel|>commentary json<|message|>{}<|call|>"
+        )
+    )
+    assert _messages(reply)[1] == ("commentary", "functions.get_weather", "json", "{}")
+    assert reply.error is None
+
+
+def test_junk_in_a_header_is_skipped_and_named_in_the_error():
+    reply = parse_reply(_ids("<|channel|>final garbage words <|constrain|> json extra<|message|>Hello.<|return|>"))
+    assert reply.final == "Hello." and _messages(reply) == [("final", None, "<|constrain|>json", "Hello.")]
+    assert "garbage words extra" in reply.error
+
+
+@pytest.mark.parametrize(
+    ("completion", "final", "says"),
+    [
+        (
+            "<|channel|>final<|message|>One<|start|>assistant<|channel|>final<|message|> two<|return|>",
+            "One two",
+            "not closed",
+        ),
+        ("<|channel|>final<|message|>Hi<|end|><|start|>user<|message|>more<|end|>", "Hi", "'user'"),
+        ("<|channel|>final<|message|>Hi<|return|>tail", "Hi", "after the end"),
+        ("<|channel|>thinking<|message|>Hi<|return|>", "Hi", "channel 'thinking'"),
+        ("<|channel|>final<|message|>A<|constrain|><|reserved_200013|>B<|return|>", "AB", None),
+    ],
+    ids=["start-in-content", "user-turn", "after-return", "unknown-channel", "specials-in-content"],
+)
+def test_grammar_errors_keep_the_messages_the_model_meant(completion, final, says):
+    reply = parse_reply(_ids(completion))
+    assert reply.final == final
+    assert (reply.error is None) if says is None else (says in reply.error)
+
+
+def test_a_completion_that_is_not_harmony_is_raw_text():
+    short = parse_reply(_ids("just some words"))
+    assert (short.raw, short.final, short.messages) == ("just some words", "", ())
+    long_text = " lorem ipsum" * harmony.HEADER_MAX_TOKENS
+    parser = StreamParser()
+    pieces = [parser.push(t) for t in _ids(long_text)]
+    first_text = next(i for i, p in enumerate(pieces) if p)
+    assert first_text == harmony.HEADER_MAX_TOKENS  # held back only while it could still be a header
+    assert "".join(p.text for ps in pieces for p in ps) == long_text
+    assert all(p.message is None for ps in pieces for p in ps)
+    assert parser.reply().raw == long_text
+
+
+def test_pieces_carry_their_message_channel_and_recipient():
+    parser = StreamParser()
+    completion = ANALYSED + 'commentary to=functions.f <|constrain|>json<|message|>{"a": 1}<|call|>'
+    pieces = [p for t in _ids(completion) for p in parser.push(t)]
+    assert {(p.message, p.channel, p.recipient) for p in pieces} == {
+        (0, "analysis", None),
+        (1, "commentary", "functions.f"),
+    }
+    assert "".join(p.text for p in pieces if p.message == 1) == '{"a": 1}'
+    assert parser.push(_ids("x")[0]) == []  # after <|call|> nothing is text
+
+
+def test_response_format_closes_the_developer_message():
+    fmt = harmony.ResponseFormat("shopping_list", {"type": "object"}, "A list of items.")
+    expected = (
+        _system()
+        + "<|start|>developer<|message|># Instructions\n\nBe brief.\n\n# Response Formats\n\n## shopping_list\n\n"
+        + '// A list of items.\n{"type": "object"}<|end|><|start|>user<|message|>hi<|end|><|start|>assistant'
+    )
+    assert harmony.render_prompt("hi", developer="Be brief.", response_format=fmt) == _ids(expected)
+    alone = harmony.render_prompt("hi", response_format=fmt)
+    assert _text(alone).startswith(_system() + "<|start|>developer<|message|># Response Formats\n\n## shopping_list")
+
+
+def test_text_beside_tool_calls_is_a_preamble_and_reasoning_comes_first():
+    chat = Chat(tools=[WEATHER_TOOL])
+    chat.add_user("Weather?")
+    chat.add_assistant(Reply(analysis="Look it up.", final="Checking.", tool_calls=(ToolCall("get_weather", "{}"),)))
+    assert _text(chat.prompt_tokens()).endswith(
+        "<|start|>assistant<|channel|>analysis<|message|>Look it up.<|end|>"
+        "<|start|>assistant<|channel|>commentary<|message|>Checking.<|end|>"
+        "<|start|>assistant to=functions.get_weather<|channel|>commentary <|constrain|>json<|message|>{}<|call|>"
+        "<|start|>assistant"
+    )
+
+
+def test_a_tool_call_made_on_the_analysis_channel_survives_the_end_of_its_turn():
+    chat = Chat(tools=[WEATHER_TOOL])
+    chat.add_user("q")
+    chat.add_assistant(
+        parse_reply(_ids("<|channel|>analysis to=functions.get_weather <|constrain|>json<|message|>{}<|call|>"))
+    )
+    chat.add_tool_result("get_weather", "sunny")
+    chat.add_assistant(_turn("thinking", "It is sunny."))
+    chat.add_user("thanks")
+    text = _text(chat.prompt_tokens())
+    assert "thinking" not in text  # finished analysis is dropped ...
+    assert "to=functions.get_weather<|channel|>analysis" in text  # ... but not the call its result answers
