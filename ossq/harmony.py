@@ -38,16 +38,16 @@ from openai_harmony import (
 )
 
 from ossq.errors import OssqError, TokenizerError
-from ossq.tokenizer import N_RANKS, o200k_harmony, o200k_ranks_dir
+from ossq.tokenizer import N_RANKS, NAMED_SPECIALS, o200k_harmony, o200k_ranks_dir
 
-RETURN = 200002  # ends the final answer
-CONSTRAIN = 200003  # starts a content type in a header
-CHANNEL = 200005  # starts the channel in a header
-START = 200006  # starts a message
-END = 200007  # ends a message inside a completion: never a stop
-MESSAGE = 200008  # header → content
-CALL = 200012  # ends a tool call
-ENDOFTEXT = 199999  # HF's generation_config also stops on it; the parser ignores it
+RETURN = NAMED_SPECIALS["<|return|>"]  # ends the final answer
+CONSTRAIN = NAMED_SPECIALS["<|constrain|>"]  # starts a content type in a header
+CHANNEL = NAMED_SPECIALS["<|channel|>"]  # starts the channel in a header
+START = NAMED_SPECIALS["<|start|>"]  # starts a message
+END = NAMED_SPECIALS["<|end|>"]  # ends a message inside a completion: never a stop
+MESSAGE = NAMED_SPECIALS["<|message|>"]  # header → content
+CALL = NAMED_SPECIALS["<|call|>"]  # ends a tool call
+ENDOFTEXT = NAMED_SPECIALS["<|endoftext|>"]  # HF's generation_config also stops on it; the parser ignores it
 STOP_TOKENS = (RETURN, CALL)
 REASONING_EFFORTS = {
     "low": ReasoningEffort.LOW,
