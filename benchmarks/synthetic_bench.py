@@ -17,7 +17,14 @@ import time
 
 import torch
 
-from ossq.bench import copy_bandwidth_gbps, decode_bytes_per_token, measure, prompt_ids, time_batch
+from ossq.bench import (
+    copy_bandwidth_gbps,
+    decode_bytes_per_token,
+    kv_tokens_needed,
+    measure,
+    prompt_ids,
+    time_batch,
+)
 from ossq.device import MemoryMeter
 from ossq.engine.engine import Engine, EngineConfig
 from ossq.lengths import parse_lengths
@@ -48,8 +55,7 @@ def main() -> None:
     build_s = time.perf_counter() - start
     stored = plan(recipe, model.config)
     contexts, sizes = parse_lengths(args.context), parse_lengths(args.batch)
-    longest = max([args.prompt_tokens, *contexts]) + args.gen_tokens
-    kv = max(longest, max([1, *sizes]) * (args.prompt_tokens + args.gen_tokens + 32)) + 64
+    kv = kv_tokens_needed(args.prompt_tokens, args.gen_tokens, contexts, sizes)
     engine = Engine(model, EngineConfig(kv_cache_tokens=kv, max_num_seqs=max([1, *sizes]), prefix_cache=False))
     vocab = model.config.vocab_size
 

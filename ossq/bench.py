@@ -419,7 +419,7 @@ def _at_batch(engine: Engine, size: int, job: _Job, name: str) -> BatchStats | s
         return _describe(e)
 
 
-def _kv_tokens_needed(prompt_tokens: int, gen_tokens: int, lengths: Sequence[int], sizes: Sequence[int]) -> int:
+def kv_tokens_needed(prompt_tokens: int, gen_tokens: int, lengths: Sequence[int], sizes: Sequence[int]) -> int:
     """A KV pool just large enough for the largest measurement, so peak memory shows what a run needs
     (the engine's default would take most of the GPU's memory whatever the model)."""
     longest = max([prompt_tokens, *lengths]) + gen_tokens
@@ -485,7 +485,7 @@ def bench(
     checkpoints = [Checkpoint(m) for m in models]  # a bad path or config fails here, before any work
     console = _console() if progress else None
     lengths = sorted(set(context) | set(sweep_context))
-    kv_tokens = kv_cache_tokens or _kv_tokens_needed(prompt_tokens, gen_tokens, lengths, sizes)
+    kv_tokens = kv_cache_tokens or kv_tokens_needed(prompt_tokens, gen_tokens, lengths, sizes)
     engine = EngineConfig(
         kv_cache_tokens=kv_tokens, max_num_seqs=max([1, *sizes]), prefix_cache=False, cuda_graphs=cuda_graphs
     )
