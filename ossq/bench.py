@@ -21,6 +21,11 @@ Method (docs/measure.md):
   allows it). Unless `kv_cache_tokens` is given, the pool holds just what the largest measurement needs.
 - A context length c runs the same measurement with a c-token prompt, so the decode steps attend over a
   c-token cache; `context` lengths become table columns, `sweep_context` lengths a line plot.
+- Speculative decoding: with `draft_model` (a checkpoint with the same tokenizer, or "ngram"), the main
+  measurement runs again on an engine that drafts up to `num_draft_tokens` a step (engine/speculative.py):
+  its generation tok/s, the speed-up over the plain run of the same call, the fraction of draft tokens
+  accepted, and the draft tokens accepted and proposed per verification. Greedy decoding makes both runs
+  generate the same tokens. The draft is loaded onto the same device after the plain measurements.
 - Bandwidth: a batch-1 decode step must read every weight once — except the experts, of which it reads
   top_k of E per layer, and the embedding, of which it reads one row — plus the keys and values each
   layer attends over (the mean context of the run's decode steps). Those bytes, counted from the loaded
@@ -34,7 +39,7 @@ import gc
 import statistics
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -44,8 +49,20 @@ from ossq.device import MemoryMeter, resolve_device
 from ossq.engine.engine import Engine, EngineConfig
 from ossq.engine.generate import load
 from ossq.engine.kv import BLOCK_TOKENS, blocks_for
+from ossq.engine.model import GptOss
+from ossq.engine.parallel import SINGLE, Parallel
+from ossq.engine.speculative import (
+    DEFAULT_NUM_DRAFT_TOKENS,
+    NGRAM,
+    SpecStats,
+    SpeculativeConfig,
+    check_draft_config,
+    check_num_draft_tokens,
+    load_draft,
+    speculative_engine,
+)
 from ossq.errors import InvalidArgument, OssqError
-from ossq.formats.hf import Checkpoint
+from ossq.formats.hf import Checkpoint, read_model_config, resolve
 from ossq.lengths import length_label, parse_lengths
 from ossq.quant.recipe import Plan, Recipe
 from ossq.quant.spec import QuantSpec
@@ -121,6 +138,15 @@ class BatchStats:
 
 
 @dataclass(frozen=True)
+class SpecBench:
+    """The main measurement again, speculating: its runs, and its drafts' totals over every run (greedy
+    runs of one prompt draft alike, so the warmup changes no ratio)."""
+
+    run: RunStats
+    drafts: SpecStats
+
+
+@dataclass(frozen=True)
 class ModelBench:
     """One checkpoint's results. `error` is set (and `main` None) when it could not be loaded or run;
     `contexts[c]` is the measurement at a c-token prompt, or the error that stopped it."""
@@ -135,6 +161,7 @@ class ModelBench:
     contexts: dict[int, RunStats | str] = field(default_factory=dict)
     batches: dict[int, BatchStats | str] = field(default_factory=dict)
     bytes_per_token: int | None = None  # what a batch-1 decode step of the main run reads (module docstring)
+    speculative: SpecBench | str | None = None  # with a draft model: the speculative run, or its error
 
 
 @dataclass(frozen=True)
@@ -161,12 +188,13 @@ class BenchReport:
         """The generic report (ossq.report) the renderers take."""
         copy = self.settings.get("copy_bandwidth_gbps")
         rows = tuple(_row(m, self.context, self.batch, copy) for m in self.models)
+        speculative = self.settings.get("draft_model") is not None
         return Report(
             "bench",
             "ossq bench",
             self.system,
             self.settings,
-            tuple(_metrics(self.context, self.batch)),
+            tuple(_metrics(self.context, self.batch, speculative)),
             rows,
             series=self._series(),
         )
@@ -191,7 +219,7 @@ def _points(m: ModelBench, lengths: list[int], rate: Callable[[RunStats], Spread
 
 
 # ---- report rows -----------------------------------------------------------------------------------------
-def _metrics(context: Sequence[int], batch: Sequence[int]) -> list[Metric]:
+def _metrics(context: Sequence[int], batch: Sequence[int], speculative: bool = False) -> list[Metric]:
     metrics = [
         Metric("prompt_tps", "prompt", "tok/s", True, "{:,.1f}"),
         Metric("generation_tps", "generation", "tok/s", True, "{:,.1f}"),
@@ -209,6 +237,14 @@ def _metrics(context: Sequence[int], batch: Sequence[int]) -> list[Metric]:
     for b in batch:
         metrics.append(Metric(f"batch_tps@{b}", f"generation ×{b} (all)", "tok/s", True, "{:,.1f}"))
         metrics.append(Metric(f"sequence_tps@{b}", f"generation ×{b} (each)", "tok/s", True, "{:,.1f}"))
+    if speculative:
+        metrics += [
+            Metric("spec_generation_tps", "generation, speculative", "tok/s", True, "{:,.1f}"),
+            Metric("spec_speedup", "speculative speed-up", "×", True, "{:.2f}"),
+            Metric("acceptance_pct", "draft acceptance", "%", True, "{:.1f}"),
+            Metric("accepted_per_step", "drafts accepted per step", "tokens", True, "{:.2f}"),
+            Metric("drafted_per_step", "drafts per step", "tokens", True, "{:.2f}"),
+        ]
     return metrics
 
 
@@ -241,12 +277,28 @@ def _row(m: ModelBench, context: Sequence[int], batch: Sequence[int], copy_gbps:
     if m.bytes_per_token and copy_gbps:
         row["decode_gbps"] = m.bytes_per_token * s.generation_tps.median / 1e9
         row["bandwidth_pct"] = 100 * row["decode_gbps"] / copy_gbps
+    if isinstance(m.speculative, SpecBench):
+        spreads["spec_generation_tps"] = m.speculative.run.generation_tps
+        row.update(_speculative_figures(m.speculative, s))
     row["range"] = {k: [v.min, v.max] for k, v in spreads.items()}
     failed = {str(c): e for c, e in m.contexts.items() if isinstance(e, str)}
     failed |= {f"batch {b}": e for b, e in m.batches.items() if isinstance(e, str)}
+    if isinstance(m.speculative, str):
+        failed["speculative"] = m.speculative
     if failed:
         row["context_errors"] = failed
     return row
+
+
+def _speculative_figures(spec: SpecBench, plain: RunStats) -> dict[str, float]:
+    drafts = spec.drafts
+    return {
+        "spec_generation_tps": spec.run.generation_tps.median,
+        "spec_speedup": spec.run.generation_tps.median / plain.generation_tps.median,
+        "acceptance_pct": 100 * drafts.acceptance_rate,
+        "accepted_per_step": drafts.mean_accepted_length,
+        "drafted_per_step": drafts.mean_draft_length,
+    }
 
 
 # ---- measuring ---------------------------------------------------------------------------------------------
@@ -362,6 +414,9 @@ class _Job:
     engine: EngineConfig
     ops: str | None
     log: Callable[[str], None]
+    parallel: Parallel = SINGLE
+    draft_model: str | None = None  # speculate with this too (module docstring)
+    num_draft_tokens: int = DEFAULT_NUM_DRAFT_TOKENS
 
 
 def _bench_model(name: str, ckpt: Checkpoint, job: _Job) -> ModelBench:
@@ -373,7 +428,7 @@ def _bench_model(name: str, ckpt: Checkpoint, job: _Job) -> ModelBench:
     try:
         job.log(f"{name}: loading")
         size, params, bpw = checkpoint_facts(ckpt)
-        model, _ = load(ckpt.root, device=str(job.device), ops=job.ops)
+        model, _ = load(ckpt.root, device=str(job.device), ops=job.ops, parallel=job.parallel)
         engine = Engine(model, job.engine)
         job.log(
             f"{name}: {job.prompt_tokens}-token prompt, {job.gen_tokens} tokens, {job.repeats} repeats, "
@@ -385,7 +440,10 @@ def _bench_model(name: str, ckpt: Checkpoint, job: _Job) -> ModelBench:
         contexts = {c: _at_context(engine, c, job, meter, name) for c in job.lengths}
         batches = {b: _at_batch(engine, b, job, name) for b in job.batch}
         read = decode_bytes_per_token(model, job.prompt_tokens + job.gen_tokens / 2)
-        return ModelBench(name, path, None, size, params, bpw, main, contexts, batches, read)
+        del engine  # its KV pool, before the speculative engine makes two
+        engine = None
+        spec = _speculative(model, job, meter, name) if job.draft_model is not None else None
+        return ModelBench(name, path, None, size, params, bpw, main, contexts, batches, read, spec)
     except MODEL_ERRORS as e:
         job.log(f"{name}: [red]{_describe(e)}[/red]")
         return ModelBench(name, path, error=_describe(e))
@@ -404,6 +462,42 @@ def _at_context(engine: Engine, c: int, job: _Job, meter: MemoryMeter, name: str
     except MODEL_ERRORS as e:  # e.g. out of memory or past the model's context: keep the other figures
         job.log(f"{name}: at {length_label(c)}: [red]{_describe(e)}[/red]")
         return _describe(e)
+
+
+def _speculative(model: GptOss, job: _Job, meter: MemoryMeter, name: str) -> SpecBench | str:
+    """The main measurement on an engine that speculates with the job's draft, loaded for it and freed
+    after it."""
+    job.log(f"{name}: speculative decoding, drafts by {job.draft_model}, at most {job.num_draft_tokens} a step")
+    draft = None
+    try:
+        draft = load_draft(job.draft_model, model, ops=job.ops)
+        prompt = prompt_ids(job.prompt_tokens, vocab_size=model.config.vocab_size, seed=job.seed)
+        counts = dict(gen_tokens=job.gen_tokens, repeats=job.repeats, warmup=job.warmup)
+        return measure_speculative(model, draft, job.engine, prompt, job.num_draft_tokens, meter=meter, **counts)
+    except MODEL_ERRORS as e:
+        job.log(f"{name}: speculative: [red]{_describe(e)}[/red]")
+        return _describe(e)
+    finally:
+        del draft
+        _free(job.device)
+
+
+def measure_speculative(
+    model: GptOss,
+    draft: GptOss | str,
+    config: EngineConfig,
+    prompt: Sequence[int],
+    num_draft_tokens: int,
+    *,
+    gen_tokens: int,
+    repeats: int,
+    warmup: int,
+    meter: MemoryMeter,
+) -> SpecBench:
+    """`measure` on an engine over `model` that speculates with `draft` (a model or "ngram")."""
+    engine = speculative_engine(model, config, SpeculativeConfig(draft, num_draft_tokens))
+    run = measure(engine, prompt, gen_tokens=gen_tokens, repeats=repeats, warmup=warmup, meter=meter)
+    return SpecBench(run, engine.speculator.stats)
 
 
 def _at_batch(engine: Engine, size: int, job: _Job, name: str) -> BatchStats | str:
@@ -470,27 +564,36 @@ def bench(
     json_path: str | Path | None = None,
     markdown_path: str | Path | None = None,
     plot_path: str | Path | None = None,
+    parallel: Parallel = SINGLE,
+    draft_model: str | None = None,
+    num_draft_tokens: int = DEFAULT_NUM_DRAFT_TOKENS,
 ) -> BenchReport:
     """Measure every checkpoint in `models` (directories or hub ids) one after the other; see the module
     docstring for the method. Every model is found and its config read before any is measured. With
     `progress`, log each step to stderr and print the tables at the end. Writes the JSON / Markdown /
-    PNG outputs whose paths are given (plots need matplotlib)."""
+    PNG outputs whose paths are given (plots need matplotlib). Under `parallel` (--tp) every rank measures
+    its shard in step with the others, on its own device; rank 0 alone logs and writes. With
+    `draft_model` each model's main measurement is repeated speculating (module docstring)."""
     if not models:
         raise InvalidArgument("models", "give at least one model")
     context, sweep_context, sizes = parse_lengths(context), parse_lengths(sweep_context), parse_lengths(batch)
     _check(prompt_tokens, gen_tokens, repeats, warmup)
     if plot_path:
         pyplot()  # fail now, not after the measurements, when matplotlib is missing
-    dev = resolve_device(device)
+    dev = resolve_device(parallel.device or device)
     checkpoints = [Checkpoint(m) for m in models]  # a bad path or config fails here, before any work
-    console = _console() if progress else None
+    if draft_model is not None:
+        _check_draft(draft_model, num_draft_tokens, checkpoints, parallel)
+    console = _console() if progress and parallel.rank == 0 else None
     lengths = sorted(set(context) | set(sweep_context))
-    kv_tokens = kv_cache_tokens or kv_tokens_needed(prompt_tokens, gen_tokens, lengths, sizes)
+    drafts = num_draft_tokens if draft_model is not None else 0  # room for the drafts past the last token
+    kv_tokens = kv_cache_tokens or kv_tokens_needed(prompt_tokens, gen_tokens + drafts, lengths, sizes)
     engine = EngineConfig(
         kv_cache_tokens=kv_tokens, max_num_seqs=max([1, *sizes]), prefix_cache=False, cuda_graphs=cuda_graphs
     )
     log = console.log if console else _quiet
-    job = _Job(prompt_tokens, gen_tokens, lengths, sizes, repeats, warmup, seed, dev, engine, ops, log)
+    job = _Job(prompt_tokens, gen_tokens, lengths, sizes, repeats, warmup, seed, dev, engine, ops, log, parallel)
+    job = replace(job, draft_model=draft_model, num_draft_tokens=num_draft_tokens)
     settings = {
         "prompt_tokens": prompt_tokens,
         "gen_tokens": gen_tokens,
@@ -503,17 +606,32 @@ def bench(
         "kv_cache_tokens": kv_tokens,
         "ops": ops or "default",
         "cuda_graphs": cuda_graphs,
+        "tp": parallel.world_size,
         "copy_bandwidth_gbps": copy_bandwidth_gbps(dev),
         "prompt": "seeded random ordinary-token ids",
         "sampling": "greedy, no stop tokens",
     }
+    if draft_model is not None:
+        settings.update(draft_model=str(draft_model), num_draft_tokens=num_draft_tokens)
     system = system_info(str(dev))
     results = tuple(_bench_model(n, c, job) for n, c in zip(model_names(models), checkpoints, strict=True))
     result = BenchReport(results, settings, system)
     if console:
         print_report(result.report())
-    write_files(result.report(), json_path=json_path, markdown_path=markdown_path, plot_path=plot_path)
+    if parallel.rank == 0:
+        write_files(result.report(), json_path=json_path, markdown_path=markdown_path, plot_path=plot_path)
     return result
+
+
+def _check_draft(draft_model: str, k: int, checkpoints: Sequence[Checkpoint], parallel: Parallel) -> None:
+    """A draft every model can use: K ≥ 1, and a checkpoint's vocabulary theirs."""
+    check_num_draft_tokens(k)
+    if parallel.active:
+        raise InvalidArgument("draft_model", "draft_model with tensor parallelism is not supported yet")
+    if draft_model != NGRAM:
+        draft = read_model_config(resolve(draft_model))[1]
+        for ckpt in checkpoints:
+            check_draft_config(ckpt.config, draft)
 
 
 def _quiet(_message: str) -> None:

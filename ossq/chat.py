@@ -15,10 +15,11 @@ from pathlib import Path
 
 from rich.console import Console
 
-from ossq.engine.engine import Engine
+from ossq.engine.engine import Engine, EngineConfig
 from ossq.engine.generate import format_stats, load, stream_generate
 from ossq.engine.model import GptOss
 from ossq.engine.sampling import SamplingParams
+from ossq.engine.speculative import DEFAULT_NUM_DRAFT_TOKENS, SpeculativeConfig, load_draft, speculative_engine
 from ossq.harmony import Chat, Reply, StreamParser
 from ossq.tokenizer import Tokenizer
 
@@ -33,6 +34,26 @@ def load_for_chat(
     console = console or Console(stderr=True)
     with console.status(f"loading {path}"):
         return load(path, device=device, ops=ops)
+
+
+def engine_for_chat(
+    model: GptOss,
+    config: EngineConfig,
+    *,
+    draft_model: str | None = None,
+    num_draft_tokens: int = DEFAULT_NUM_DRAFT_TOKENS,
+    ops: str | None = None,
+    console: Console | None = None,
+) -> Engine:
+    """The one engine a chat runs all its turns on, so each turn reuses the last from its prefix cache.
+    With `draft_model` (a checkpoint with the model's tokenizer, loaded as the model was, or "ngram") it
+    decodes speculatively (engine/speculative.py): the same tokens, and the stats line shows acceptance."""
+    if draft_model is None:
+        return Engine(model, config)
+    console = console or Console(stderr=True)
+    with console.status(f"loading {draft_model}"):
+        draft = load_draft(draft_model, model, ops=ops)
+    return speculative_engine(model, config, SpeculativeConfig(draft, num_draft_tokens))
 
 
 class _Printer:

@@ -200,6 +200,35 @@ def _add_engine(
     )
 
 
+def _add_tp(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--tp",
+        type=_int_in(1),
+        default=1,
+        help="split the model over this many ranks (tensor parallel: one GPU each on CUDA, processes on CPU; "
+        "docs/engine.md)",
+    )
+    p.add_argument(
+        "--ep", type=_int_in(1), default=1, help="expert parallel with data-parallel attention (not implemented yet)"
+    )
+
+
+def _add_speculative(p: argparse.ArgumentParser) -> None:
+    """Speculative decoding, under mlx-lm's flag names (docs/engine.md)."""
+    p.add_argument(
+        "--draft-model",
+        default=None,
+        help="speculative decoding: a checkpoint with the same tokenizer drafts tokens that -m verifies, or "
+        "'ngram' drafts by prompt lookup (output unchanged; default: no speculation)",
+    )
+    p.add_argument(
+        "--num-draft-tokens",
+        type=_int_in(1),
+        default=3,
+        help="draft tokens per step at most (fewer while they are rarely accepted)",
+    )
+
+
 def _engine_config(args: argparse.Namespace):
     from ossq.engine.engine import EngineConfig
 
@@ -221,6 +250,7 @@ def _add_chat(p: argparse.ArgumentParser) -> None:
     _add_device(p)
     _add_sampling(p)
     _add_engine(p)
+    _add_speculative(p)
 
 
 def _add_outputs(p: argparse.ArgumentParser) -> None:
@@ -283,6 +313,7 @@ def _add_models(p: argparse.ArgumentParser) -> None:
 def _add_bench(sub) -> None:
     p = _sub(sub, "bench", "batch-1 speed of one or more checkpoints, side by side")
     _add_models(p)
+    _add_tp(p)
     p.add_argument("--prompt-tokens", type=_int_in(1), default=90, help="prompt length of the main measurement")
     p.add_argument(
         "--gen-tokens",
@@ -314,6 +345,7 @@ def _add_bench(sub) -> None:
     _add_device(p)
     p.add_argument("--seed", type=_seed, default=0, help="seed of the random prompt tokens")
     _add_engine(p, prefix_cache=False, max_num_seqs=False, kv_default="what the largest measurement needs")
+    _add_speculative(p)
     _add_outputs(p)
 
 
@@ -380,6 +412,7 @@ def _add_serve(sub) -> None:
     p.add_argument("--log-level", choices=("debug", "info", "warning", "error"), default="info", help="log detail")
     _add_device(p)
     _add_engine(p)
+    _add_speculative(p)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -398,6 +431,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--out", type=Path, help="with --prompts-file: the JSONL file to write the completions to")
     p.add_argument("--raw", action="store_true", help="send the prompt as raw text, without the chat format")
+    _add_tp(p)
 
     _add_chat(_sub(sub, "chat", "interactive multi-turn chat in the terminal"))
 
@@ -587,6 +621,24 @@ def _check_data(data: str) -> None:
         raise _usage("--data", f"{data}: no such file or directory")
 
 
+def _check_draft(args: argparse.Namespace) -> None:
+    """A --draft-model checkpoint must be readable and share the vocabulary of every -m model whose config
+    is at hand (a hub id is checked once it is downloaded, before the draft's weights load)."""
+    from ossq.engine.speculative import NGRAM, check_draft_config
+    from ossq.formats.hf import local_checkpoint, read_model_config
+
+    if getattr(args, "tp", 1) > 1:
+        raise _usage("--draft-model", "with --tp above 1 is not supported yet")
+    if args.draft_model == NGRAM:
+        return
+    _check_model("--draft-model", args.draft_model)
+    draft = local_checkpoint(args.draft_model)
+    targets = [local_checkpoint(m) for m in (args.models if args.command == "bench" else [args.model])]
+    for root in targets:
+        if draft is not None and root is not None:
+            check_draft_config(read_model_config(root)[1], read_model_config(draft)[1])
+
+
 def _check_quickstart(args: argparse.Namespace) -> None:
     cache = args.cache_dir.expanduser() if args.cache_dir is not None else None
     if cache is not None and cache.exists() and not cache.is_dir():
@@ -609,6 +661,8 @@ def validate(args: argparse.Namespace) -> None:
     check = CHECKS.get(args.command)
     if check is not None:
         check(args)
+    if getattr(args, "draft_model", None) is not None:
+        _check_draft(args)
 
 
 # ---- running: errors, interruptions, signals ------------------------------------------------------------
@@ -788,13 +842,46 @@ def _chat(args: argparse.Namespace):
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    from ossq.chat import answer, load_for_chat
-    from ossq.engine.engine import Engine
+    from ossq.engine.launch import launch
+    from ossq.engine.parallel import check_checkpoint
+
+    _refuse_ep(args)
+    check_checkpoint(args.model, args.tp, args.ops)  # a model that cannot be split fails before any rank starts
+    return launch(_generate, args, tp=args.tp, device=args.device)
+
+
+def _refuse_ep(args: argparse.Namespace) -> None:
+    if args.ep > 1:
+        raise InvalidArgument("ep", "--ep is not implemented yet; --tp N places the experts whole across N ranks")
+
+
+def _load(args: argparse.Namespace, parallel):
+    """The model of -m, or under --tp this rank's shard of it (engine/parallel.py)."""
+    from ossq.chat import load_for_chat
+    from ossq.engine.generate import load
+
+    if not parallel.active:
+        return load_for_chat(args.model, device=args.device, ops=args.ops)
+    return load(args.model, device=parallel.device, ops=args.ops, parallel=parallel)
+
+
+def _engine(args: argparse.Namespace, model, config):
+    """The command's engine, speculative with --draft-model (ossq/chat.py `engine_for_chat`)."""
+    from ossq.chat import engine_for_chat
+
+    return engine_for_chat(
+        model, config, draft_model=args.draft_model, num_draft_tokens=args.num_draft_tokens, ops=args.ops
+    )
+
+
+def _generate(parallel, args: argparse.Namespace) -> int:
+    """`ossq generate` on one rank: every rank runs the same requests; only rank 0's output is shown."""
+    from ossq.chat import answer
     from ossq.engine.generate import generate
 
-    sampling, chat, config = _sampling(args), _chat(args), _engine_config(args)  # before the slow load
-    model, tokenizer = load_for_chat(args.model, device=args.device, ops=args.ops)
-    engine = Engine(model, config)
+    sampling, chat, config = parallel.sampling(_sampling(args)), _chat(args), _engine_config(args)
+    model, tokenizer = _load(args, parallel)
+    engine = _engine(args, model, parallel.engine_config(config, model))
     common = dict(sampling=sampling, max_tokens=args.max_tokens, engine=engine)
     if args.prompts_file is not None:
         from ossq.batch import run_prompts_file
@@ -820,7 +907,6 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 def cmd_chat(args: argparse.Namespace) -> int:
     from ossq.chat import interactive, load_for_chat
-    from ossq.engine.engine import Engine
 
     sampling, chat, config = _sampling(args), _chat(args), _engine_config(args)
     model, tokenizer = load_for_chat(args.model, device=args.device, ops=args.ops)
@@ -830,7 +916,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
         chat,
         sampling=sampling,
         max_tokens=args.max_tokens,
-        engine=Engine(model, config),  # one engine for the whole chat: each turn reuses the last from its cache
+        engine=_engine(args, model, config),  # one engine for the whole chat: each turn reuses the last's cache
         show_reasoning=not args.hide_reasoning,
     )
     return 0
@@ -866,6 +952,17 @@ def cmd_convert(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
+    from ossq.engine.launch import launch
+    from ossq.engine.parallel import check_checkpoint
+
+    _refuse_ep(args)
+    for model in args.models:
+        check_checkpoint(model, args.tp, args.ops)
+    return launch(_bench, args, tp=args.tp, device=args.device)
+
+
+def _bench(parallel, args: argparse.Namespace) -> int:
+    """`ossq bench` on one rank (rank 0 reports; engine/parallel.py)."""
     from ossq.bench import bench
 
     result = bench(
@@ -885,6 +982,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
         json_path=args.json_path,
         markdown_path=args.markdown_path,
         plot_path=args.plot_path,
+        parallel=parallel,
+        draft_model=args.draft_model,
+        num_draft_tokens=args.num_draft_tokens,
     )
     return 1 if any(m.error for m in result.models) else 0
 
@@ -921,7 +1021,6 @@ def cmd_serve(args: argparse.Namespace) -> int:
             f"ossq serve needs FastAPI and uvicorn ({e.name or e} is not installed): pip install 'ossq[serve]'"
         ) from None
     from ossq.chat import load_for_chat
-    from ossq.engine.engine import Engine
 
     _check_model("-m", args.model)
     engine_config = _engine_config(args)
@@ -931,7 +1030,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     sock = listen(args.host, args.port)  # a busy port fails now, not after the load
     model, tokenizer = load_for_chat(args.model, device=args.device, ops=args.ops)
     config = ServeConfig(name, api_key=args.api_key, max_queue=args.max_queue)
-    serve(Engine(model, engine_config), tokenizer, config, sock, log_level=args.log_level)
+    serve(_engine(args, model, engine_config), tokenizer, config, sock, log_level=args.log_level)
     return 0
 
 

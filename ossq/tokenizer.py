@@ -47,6 +47,7 @@ O200K_PAT_STR = "|".join(
 )
 N_RANKS = 199_998  # ordinary BPE tokens, ids 0..199997
 N_VOCAB = 201_088  # ordinary + specials 199998..201087 = the model's embedding rows
+FIRST_SPECIAL_ID = 199_998
 NAMED_SPECIALS = {
     "<|startoftext|>": 199998,
     "<|endoftext|>": 199999,
@@ -284,6 +285,10 @@ class Tokenizer:
         if token_id is None:
             raise TokenizerError(f"the tokenizer has no special token {name!r}")
         return token_id
+
+    def token_bytes(self, token_id: int) -> bytes | None:
+        """The bytes of an ordinary token; None for a special one (from FIRST_SPECIAL_ID on)."""
+        return None if token_id >= FIRST_SPECIAL_ID else self._backend.token_bytes(token_id)
 
     def detokenizer(self) -> Detokenizer:
         return Detokenizer(self._backend.token_bytes)

@@ -310,11 +310,55 @@ def test_system_and_developer_messages_become_the_instructions_and_tools_the_nam
     )
 
 
-def test_response_format_closes_the_developer_message(server):
+def test_response_format_closes_the_developer_message():
+    # The rendering, read off the prompt: the server would hold an echo of it to JSON (next tests).
+    from ossq.serve.prompts import chat_prompt
+    from ossq.serve.protocol import ChatRequest
+
     schema = {"type": "object", "properties": {"answer": {"type": "string"}}}
     fmt = {"type": "json_schema", "json_schema": {"name": "reply", "description": "The reply.", "schema": schema}}
-    text = ask(server, ECHO, response_format=fmt).choices[0].message.content
-    assert f"# Response Formats\n\n## reply\n\n// The reply.\n{json.dumps(schema)}\n\nuser" in text
+    prompt = chat_prompt(ChatRequest(model=MODEL, messages=[{"role": "user", "content": "hi"}], response_format=fmt))
+    text = o200k_harmony().decode(prompt.tokens)
+    assert f"# Response Formats\n\n## reply\n\n// The reply.\n{json.dumps(schema)}<|end|>" in text
+    assert prompt.response_format is not None and prompt.response_format.schema == schema
+
+
+JSON_OBJECT = {"type": "json_object"}
+
+
+def test_response_format_lets_a_json_answer_through_and_leaves_the_analysis_free(server):
+    script = f"{SCRIPT}<|channel|>analysis<|message|>not json at all<|end|><|start|>assistant<|channel|>final"
+    reply = ask(server, script + '<|message|>{"x": [1, 2.5, "é"]}<|return|>', response_format=JSON_OBJECT)
+    message = reply.choices[0].message
+    assert message.content == '{"x": [1, 2.5, "é"]}' and reply.choices[0].finish_reason == "stop"
+    assert message.reasoning_content == "not json at all"
+
+
+@pytest.mark.parametrize("answer", ["Sure! Here it is: {}", '{"a": 1,} trailing', "[1, 2]"])
+def test_response_format_holds_a_final_answer_that_is_not_json_to_json(server, answer):
+    from ossq.engine.constrain import json_complete, json_feed, json_start
+
+    for fmt in (JSON_OBJECT, {"type": "json_schema", "json_schema": {"name": "r", "schema": {"type": "object"}}}):
+        script = f"{SCRIPT}<|channel|>final<|message|>{answer}<|return|>"
+        reply = ask(server, script, response_format=fmt, max_tokens=40)
+        content, finish = reply.choices[0].message.content, reply.choices[0].finish_reason
+        state = json_feed(json_start("object"), content.encode())
+        assert state is not None, content  # every answer is a JSON object so far
+        if finish != "length":
+            assert finish == "stop" and json_complete(state) and isinstance(json.loads(content), dict)
+
+
+def test_response_format_leaves_a_tool_call_free(server):
+    header = "<|channel|>commentary to=functions.get_weather <|constrain|>json<|message|>"
+    call = f'{SCRIPT}{header}{{"city":"Oslo"}}<|call|>'
+    reply = ask(server, call, tools=[WEATHER], response_format=JSON_OBJECT)
+    assert reply.choices[0].message.tool_calls[0].function.arguments == '{"city":"Oslo"}'
+
+
+def test_a_schema_of_no_json_type_is_a_400(server):
+    fmt = {"type": "json_schema", "json_schema": {"name": "r", "schema": {"type": "thing"}}}
+    with pytest.raises(openai.BadRequestError, match="the schema's type must be one of object"):
+        ask(server, ECHO, response_format=fmt)
 
 
 def test_an_assistant_turn_with_reasoning_and_tool_calls_goes_back_into_the_prompt(server):

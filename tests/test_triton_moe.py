@@ -188,3 +188,52 @@ def test_grouped_experts_replays_in_a_cuda_graph_without_a_host_sync():
         finally:
             torch.cuda.set_sync_debug_mode(0)
         assert torch.equal(out, eager), seed
+
+
+def rank_share(st, first: int, n: int) -> SimpleNamespace:
+    """Experts first … first + n of a stack, as a tensor-parallel rank holds them (engine/parallel.py)."""
+
+    def cut(lin):
+        part = {f: None if getattr(lin, f) is None else getattr(lin, f)[first : first + n].contiguous()
+                for f in ("weight", "scales", "biases", "bias")}  # fmt: skip
+        return SimpleNamespace(spec=lin.spec, **part)
+
+    return SimpleNamespace(first=first, **{p: cut(getattr(st, p)) for p in PROJ})
+
+
+@pytest.mark.parametrize("tokens", [1, 3, 40])  # the per-pair kernels (≤ MOE_MAX_PAIRS pairs) and the grouped
+def test_a_rank_with_some_of_the_experts_adds_exactly_their_share(tokens):
+    # Two ranks of 4 experts each: each rank's output is the sum over its own experts' pairs only, and the
+    # two shares add up to the whole stack's output.
+    from ossq.engine.ops import local_experts
+
+    st = stack(MXFP4, QuantSpec(4, 32), experts=8, hidden=64, inter=64, bias=True)
+    x = activations(tokens, 64, seed=tokens)
+    top_i, route = routing(tokens, 8, 4, seed=tokens)
+    whole = REF._experts_grouped(x.float(), float_stack(st), top_i, route, **KW)
+    shares = []
+    for first in (0, 4):
+        share = rank_share(st, first, 4)
+        ids, weights = local_experts(top_i, route, share, 8)
+        assert ((ids == -1) == ((top_i < first) | (top_i >= first + 4))).all()
+        mine = route * (ids >= 0)
+        ref = REF._experts_grouped(x.float(), float_stack(st), top_i, mine, **KW)
+        run = moe.experts(x, share, ids, weights, **KW) if tokens < 40 else None
+        grouped = moe.grouped_experts(x, share, ids, weights, **KW, partial=True)
+        for out in (run, grouped):
+            if out is not None:
+                assert rel_err(out, ref) < TOL
+        shares.append(grouped.float())
+    assert rel_err(shares[0] + shares[1], whole) < TOL
+
+
+def test_sort_pairs_leaves_out_the_pairs_of_another_ranks_experts():
+    top_i, _ = routing(9, 8, 4, seed=2)
+    ids = torch.where(top_i >= 4, -1, top_i)  # a rank holding experts 0 … 3
+    pairs, block_expert = moe.sort_pairs(ids, 4, 16)
+    P = ids.numel()
+    kept = pairs[pairs < P].long()
+    assert torch.equal(kept.sort().values, (ids.reshape(-1) >= 0).nonzero()[:, 0])
+    for b, e in enumerate(block_expert.tolist()):
+        rows = pairs[b * 16 : (b + 1) * 16]
+        assert e == 4 and (rows == P).all() or (ids.reshape(-1)[rows[rows < P].long()] == e).all()

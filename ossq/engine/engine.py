@@ -4,7 +4,9 @@ Each `step` asks the scheduler (engine/scheduler.py) what to run, builds the ste
 forward of the model over all of it, samples every request that reached the end of its tokens, and then
 reads the sampled tokens back to the host — the step's only synchronisation — to check stops and
 lengths. A request's tokens depend only on its own prompt, parameters and seed, never on what else is
-in the batch: each row is sampled with its own parameters and counter-based noise.
+in the batch: each row is sampled with its own parameters and counter-based noise. With a `Speculator`
+(engine/speculative.py), decoding requests also feed draft tokens, the forward verifies them, and a
+step may commit several tokens of a request.
 """
 
 from __future__ import annotations
@@ -14,17 +16,23 @@ import time
 from collections import deque
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 
 from ossq.engine.batch import Batch, SeqChunk, device_tensor
 from ossq.engine.blocks import BlockManager
+from ossq.engine.constrain import constrained_choice
 from ossq.engine.graphs import DecodeGraphs
 from ossq.engine.kv import BLOCK_TOKENS, KVPool, blocks_for, default_kv_tokens
 from ossq.engine.model import GptOss
-from ossq.engine.sampling import SamplingBatch, SamplingParams, random_seed, sample
+from ossq.engine.sampling import SamplingBatch, SamplingParams, random_seed, ranking_keys, sample
 from ossq.engine.scheduler import Request, Scheduler
 from ossq.errors import InvalidArgument, PromptTooLong
+
+if TYPE_CHECKING:
+    from ossq.engine.constrain import Constraint
+    from ossq.engine.speculative import Speculator
 
 PREFILL_CHUNK_TOKENS = 512
 
@@ -84,8 +92,10 @@ class EngineStats:
 
 
 class Engine:
-    def __init__(self, model: GptOss, config: EngineConfig | None = None) -> None:
-        self.model, self.config = model, config or EngineConfig()
+    def __init__(
+        self, model: GptOss, config: EngineConfig | None = None, *, speculator: Speculator | None = None
+    ) -> None:
+        self.model, self.config, self.speculator = model, config or EngineConfig(), speculator
         c, mc = self.config, model.config
         tokens = c.kv_cache_tokens or default_kv_tokens(mc, model.dtype, model.device)
         if tokens < BLOCK_TOKENS:
@@ -131,29 +141,37 @@ class Engine:
         max_tokens: int = 256,
         stop: Iterable[int] = (),
         logits_from: int | None = None,
+        prompt_len: int | None = None,
+        constraint: Constraint | None = None,
     ) -> int:
-        """Queue a request → its id. Refused (nothing else disturbed) when it could not run even alone."""
+        """Queue a request → its id. Refused (nothing else disturbed) when it could not run even alone.
+        `prompt_len` < len(prompt) continues an output already begun (a draft model following a target
+        request, engine/speculative.py): output indices, so sampling counters and max_tokens, count from
+        there. `constraint` limits which tokens it may generate (engine/constrain.py)."""
         params = params or SamplingParams()
-        self._check(list(prompt), max_tokens, logits_from)
+        begun = len(prompt) if prompt_len is None else prompt_len
+        self._check(list(prompt), begun, max_tokens, logits_from)
         seed = random_seed() if params.seed is None else params.seed
         rid = next(self._ids)
-        req = Request(rid, len(prompt), list(prompt), params, seed, max_tokens, frozenset(stop), logits_from)
+        req = Request(rid, begun, list(prompt), params, seed, max_tokens, frozenset(stop), logits_from)
+        req.constraint = constraint
         self.requests[rid] = req
         self.stats.times[rid] = RequestTimes(time.perf_counter())
         self.scheduler.add(req)
         return rid
 
-    def _check(self, prompt: list[int], max_tokens: int, logits_from: int | None) -> None:
+    def _check(self, prompt: list[int], prompt_len: int, max_tokens: int, logits_from: int | None) -> None:
         if not prompt:
             raise InvalidArgument("prompt", "the prompt is empty")
-        if max_tokens < 1:
-            raise InvalidArgument("max_tokens", f"max_tokens must be at least 1, got {max_tokens}")
+        if max_tokens <= len(prompt) - prompt_len:  # 1 for a new request
+            least = len(prompt) - prompt_len + 1
+            raise InvalidArgument("max_tokens", f"max_tokens must be at least {least}, got {max_tokens}")
         if logits_from is not None and not 0 <= logits_from < len(prompt):
             raise InvalidArgument("logits_from", f"logits_from must lie inside the prompt, got {logits_from}")
         vocab = self.model.config.vocab_size
         if min(prompt) < 0 or max(prompt) >= vocab:
             raise InvalidArgument("prompt", f"token ids must lie in [0, {vocab}), got {min(prompt)}..{max(prompt)}")
-        total = len(prompt) + max_tokens - 1  # the last sampled token is never fed back
+        total = prompt_len + max_tokens - 1  # the last sampled token is never fed back
         limit = self.model.config.max_position_embeddings
         if self.config.max_kv_size is None and total > limit:
             raise PromptTooLong(
@@ -172,6 +190,8 @@ class Engine:
         if req is not None and req.finish_reason is None:
             req.finish_reason = "abort"
             self.scheduler.finish(req)
+        if self.speculator is not None:
+            self.speculator.forget(request_id)
 
     def request(self, request_id: int) -> Request:
         return self.requests[request_id]
@@ -180,6 +200,8 @@ class Engine:
         """Forget a finished request (its stats and tokens)."""
         self.requests.pop(request_id, None)
         self.stats.times.pop(request_id, None)
+        if self.speculator is not None:
+            self.speculator.release(request_id)
 
     @property
     def has_unfinished(self) -> bool:
@@ -193,22 +215,77 @@ class Engine:
             return []
         plan = [_Planned(req, req.num_computed, req.num_computed + n) for req, n in scheduled]
         self.stats.steps += 1
+        if self.speculator is not None:
+            self.speculator.draft(plan, self.scheduler)
         chunks = self._chunks(plan)
         if self.graphs and self.graphs.fits(len(chunks)) and all(p.end - p.start == p.num_rows == 1 for p in plan):
             logits = self.graphs.run(chunks)  # a decode step: one token and its logits per request
         else:
             logits = self.model(self._batch(chunks), self.kv)
-        samplers = [p for p in plan if p.samples]
-        reading = _TokenRead(self._sample(logits, samplers)) if samplers else None  # the step's one device read
-        for p in plan:  # the bookkeeping that needs no sampled token overlaps the read
-            self.scheduler.commit(p.req, p.end - p.start)
-        for p, token in zip(samplers, reading.tokens() if reading else [], strict=True):
-            p.token = token
-        outputs = [self._update(p, logits) for p in plan]
+        outputs = self._book(plan, logits)
         for out in outputs:
             if out.request_id in self._inboxes:
                 self._inboxes[out.request_id].append(out)
         return outputs
+
+    def _book(self, plan: list[_Planned], logits: torch.Tensor) -> list[StepOutput]:
+        """Sample, commit and book a step. Requests that fed draft tokens are verified instead
+        (`_book_verified`); the others sample exactly as they would without a speculator."""
+        samplers = [p for p in plan if p.samples and not p.draft]
+        drafted = [p for p in plan if p.draft]
+        reading = _TokenRead(self._sample(logits, samplers)) if samplers else None  # the step's one device read
+        verdicts = self.speculator.verify(logits, drafted) if drafted else []  # ... and, with drafts, a second
+        for p in plan:  # the bookkeeping that needs no sampled token overlaps the read
+            if not p.draft:
+                self.scheduler.commit(p.req, p.end - p.start)
+        for p, token in zip(samplers, reading.tokens() if reading else [], strict=True):
+            p.token = token
+        outputs = [self._update(p, logits) for p in plan if not p.draft]
+        for p, (accepted, token) in zip(drafted, verdicts, strict=True):
+            outputs += self._book_verified(p, logits, [*p.draft[:accepted], token])
+        if self.speculator is not None:
+            for p in samplers + drafted:
+                self.speculator.advance(p.req)
+        return outputs
+
+    def _book_verified(self, p: _Planned, logits: torch.Tensor, tokens: list[int]) -> list[StepOutput]:
+        """Book a request that fed draft tokens: it commits `tokens` (the accepted drafts and the target's
+        next token) up to the one that ends it, one output per token, and keeps no key or block of a
+        rejected draft. A scoring request's first output carries its rows up to the verified ones, each
+        later output the row that predicted its token."""
+        req = p.req
+        kept = self._until_finish(req, tokens)
+        req.tokens.extend(kept)
+        self.scheduler.commit(req, p.end - p.start + len(kept) - 1)  # the last token's keys are not computed
+        self.scheduler.truncate(req, len(req.tokens))
+        self.stats.computed_tokens += p.end - p.start + len(p.draft)
+        self._note_tokens(req, len(kept))
+        head = p.num_rows - len(p.draft)  # rows up to and including the one that predicts the first token
+        outputs = []
+        for i, token in enumerate(kept):
+            first, rows = (p.first_row, head) if i == 0 else (p.first_row + head + i - 1, 1)
+            scores = logits[first : first + rows] if req.logits_from is not None else None
+            finish = req.finish_reason if i == len(kept) - 1 else None
+            outputs.append(StepOutput(req.id, token, finish, scores, p.logits_start + first - p.first_row))
+        return outputs
+
+    def _until_finish(self, req: Request, tokens: list[int]) -> list[int]:
+        """`tokens` up to the first that ends `req` (a stop token, or its max_tokens-th)."""
+        room = req.max_tokens - len(req.output)
+        for i, token in enumerate(tokens[:room]):
+            if token in req.stop:
+                return tokens[: i + 1]
+        return tokens[:room]
+
+    def _note_tokens(self, req: Request, count: int) -> None:
+        """Times and counts for the `count` tokens just appended to `req`; it finishes if the last ends it."""
+        times, now = self.stats.times[req.id], time.perf_counter()
+        times.first_token = times.first_token or now
+        times.last_token = now
+        self.stats.generated_tokens += count
+        req.finish_reason = _finish_reason(req, req.tokens[-1])
+        if req.finish_reason:
+            self.scheduler.finish(req)
 
     def stream(self, request_id: int) -> Iterator[StepOutput]:
         """The outputs of one request, stepping the engine as needed. From this call on, outputs of the
@@ -240,9 +317,9 @@ class Engine:
             if req.logits_from is not None and p.end > req.logits_from:
                 first = max(req.logits_from, p.start)
             if first is not None:
-                p.first_row, p.num_rows, p.logits_start = row, p.end - first, first
+                p.first_row, p.num_rows, p.logits_start = row, p.end + len(p.draft) - first, first
                 row += p.num_rows
-            chunks.append(SeqChunk(req.tokens[p.start : p.end], p.start, req.blocks, first))
+            chunks.append(SeqChunk(req.tokens[p.start : p.end] + p.draft, p.start, req.blocks, first))
         return chunks
 
     def _batch(self, chunks: list[SeqChunk]) -> Batch:
@@ -259,31 +336,31 @@ class Engine:
         # consecutive rows (every decode step) are a view, not a gather
         last = logits[rows[0] : rows[0] + len(rows)] if rows == list(range(rows[0], rows[0] + len(rows))) else None
         recent = _recent(reqs, device)
-        if last is not None and recent is None and all(r.params.greedy for r in reqs):
+        constrained = [(i, r.constraint, not r.params.greedy) for i, r in enumerate(reqs) if r.constraint is not None]
+        if last is not None and recent is None and not constrained and all(r.params.greedy for r in reqs):
             return last.argmax(-1)  # what `sample` does for greedy rows, without its per-row parameter copies
         last = logits[tensor(rows)] if last is None else last
         params = SamplingBatch.from_params([r.params for r in reqs], device)
         seeds, counters = tensor([r.seed for r in reqs]), tensor([len(r.output) for r in reqs])
+        if constrained:  # the host picks these rows' tokens (a sync, in constrained steps only)
+            keys = ranking_keys(last, params, seeds=seeds, counters=counters, recent=recent)
+            tokens = keys.argmax(-1)
+            for row, token in constrained_choice(keys, last, constrained).items():
+                tokens[row] = token
+            return tokens
         return sample(last, params, seeds=seeds, counters=counters, recent=recent)
 
     def _update(self, p: _Planned, logits: torch.Tensor) -> StepOutput:
         """Book the step for one request (its positions are committed): the sampled token, stop or length."""
-        req, stats, now = p.req, self.stats, time.perf_counter()
-        stats.computed_tokens += p.end - p.start
+        req = p.req
+        self.stats.computed_tokens += p.end - p.start
         wanted = req.logits_from is not None and p.num_rows
         scores = logits[p.first_row : p.first_row + p.num_rows] if wanted else None
         if p.token is not None:
             req.tokens.append(p.token)
-            times = stats.times[req.id]
-            times.first_token = times.first_token or now
-            times.last_token = now
-            stats.generated_tokens += 1
-            if p.token in req.stop:
-                req.finish_reason = "stop"
-            elif len(req.output) >= req.max_tokens:
-                req.finish_reason = "length"
-            if req.finish_reason:
-                self.scheduler.finish(req)
+            if req.constraint is not None:
+                req.constraint.advance(p.token)
+            self._note_tokens(req, 1)
         return StepOutput(req.id, p.token, req.finish_reason, scores, p.logits_start)
 
 
@@ -316,10 +393,19 @@ class _Planned:
     first_row: int = 0  # its logits rows in the step's output, and the position of the first one
     num_rows: int = 0
     logits_start: int = 0
+    draft: list[int] = field(default_factory=list)  # draft tokens fed after `end` (engine/speculative.py)
+    draft_probs: torch.Tensor | None = None  # (len(draft), V) what they were drawn from; None: point masses
 
     @property
     def samples(self) -> bool:
         return self.end == len(self.req.tokens)
+
+
+def _finish_reason(req: Request, token: int) -> str | None:
+    """Why `req` ends with `token` just appended, or None."""
+    if token in req.stop:
+        return "stop"
+    return "length" if len(req.output) >= req.max_tokens else None
 
 
 def _recent(reqs: list[Request], device: torch.device) -> torch.Tensor | None:

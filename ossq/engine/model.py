@@ -9,6 +9,9 @@ A forward step runs a flat batch of N tokens from many sequences at once (prefil
 tokens mixed); `Batch` (engine/batch.py) says which token belongs where, and the KV pool (engine/kv.py)
 holds every sequence's keys and values. Shapes: N tokens, H query heads, K kv heads, D head dim,
 C hidden, E experts, V vocab.
+
+Under tensor parallelism (engine/parallel.py) each rank builds the same modules at its shard's shapes and
+calls the four collectives that file defines; with one rank they return their input.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from ossq.config import ModelConfig
 from ossq.engine.batch import Batch
 from ossq.engine.kv import KVPool
 from ossq.engine.ops import Ops, TorchOps
+from ossq.engine.parallel import SINGLE, Parallel
 from ossq.formats.mlx import LinearInfo, linear_modules
 from ossq.quant.spec import QuantSpec
 
@@ -92,11 +96,13 @@ def yarn_inv_freq(config: ModelConfig) -> torch.Tensor:
 
 
 class LinearBuilder:
-    """Makes the Linear of an MLX module path, stored as `specs` says, in `dtype`."""
+    """Makes the Linear of an MLX module path, stored as `specs` says, in `dtype`, at this rank's shape."""
 
-    def __init__(self, config: ModelConfig, specs: dict[str, QuantSpec | None], dtype: torch.dtype) -> None:
-        self.infos: dict[str, LinearInfo] = {m.path: m for m in linear_modules(config)}
-        self.specs, self.dtype = specs, dtype
+    def __init__(
+        self, config: ModelConfig, specs: dict[str, QuantSpec | None], dtype: torch.dtype, parallel: Parallel
+    ) -> None:
+        self.infos: dict[str, LinearInfo] = {m.path: parallel.shard_info(m, config) for m in linear_modules(config)}
+        self.specs, self.dtype, self.parallel = specs, dtype, parallel
 
     def __call__(self, path: str) -> Linear:
         return Linear(self.infos[path], self.specs.get(path), self.dtype)
@@ -105,12 +111,13 @@ class LinearBuilder:
 class Attention(nn.Module):
     def __init__(self, config: ModelConfig, layer: int, make: LinearBuilder, ops: Ops) -> None:
         super().__init__()
-        self.layer, self.ops, self.head_dim = layer, ops, config.head_dim
+        self.layer, self.ops, self.head_dim, self.parallel = layer, ops, config.head_dim, make.parallel
         self.window = config.window(layer)
         self.scale = config.head_dim**-0.5
         for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
             setattr(self, name, make(f"model.layers.{layer}.self_attn.{name}"))
-        self.register_buffer("sinks", torch.zeros(config.num_attention_heads, dtype=make.dtype))
+        heads = len(make.parallel.heads(config))  # this rank's query heads
+        self.register_buffer("sinks", torch.zeros(heads, dtype=make.dtype))
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, batch: Batch, kv: KVPool) -> torch.Tensor:
         N, ops = x.shape[0], self.ops
@@ -120,32 +127,35 @@ class Attention(nn.Module):
         q = ops.rope_and_store(q, k, v, cos, sin, k_pool, v_pool, batch.slots)  # k rotated, then k, v stored
         window = self.window or batch.max_kv_size  # max_kv_size caps the full layers, as mlx-lm's option
         o = ops.attention(q, k_pool, v_pool, self.sinks, batch, window=window, scale=self.scale)  # (N, H, D)
-        return ops.linear(o.reshape(N, -1), self.o_proj)
+        return self.parallel.all_reduce(ops.linear(o.reshape(N, -1), self.o_proj))  # the ranks' heads summed
 
 
 class Experts(nn.Module):
-    def __init__(self, prefix: str, make: LinearBuilder) -> None:
+    """The expert stack this rank holds; `first` is the global id of its first expert (0: the whole stack)."""
+
+    def __init__(self, prefix: str, make: LinearBuilder, first: int) -> None:
         super().__init__()
+        self.first = first
         for name in ("gate_proj", "up_proj", "down_proj"):
             setattr(self, name, make(f"{prefix}.{name}"))
 
 
 class MLP(nn.Module):
-    def __init__(self, layer: int, make: LinearBuilder) -> None:
+    def __init__(self, config: ModelConfig, layer: int, make: LinearBuilder) -> None:
         super().__init__()
         prefix = f"model.layers.{layer}.mlp"
         self.router = make(f"{prefix}.router")
-        self.experts = Experts(f"{prefix}.experts", make)
+        self.experts = Experts(f"{prefix}.experts", make, make.parallel.experts(config).start)
 
 
 class Block(nn.Module):
     def __init__(self, config: ModelConfig, layer: int, make: LinearBuilder, ops: Ops) -> None:
         super().__init__()
-        self.config, self.ops = config, ops
+        self.config, self.ops, self.parallel = config, ops, make.parallel
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.self_attn = Attention(config, layer, make, ops)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.mlp = MLP(layer, make)
+        self.mlp = MLP(config, layer, make)
 
     def forward(
         self, x: torch.Tensor, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, batch: Batch, kv: KVPool,
@@ -156,6 +166,7 @@ class Block(nn.Module):
         c, ops, post = self.config, self.ops, self.post_attention_layernorm
         x, h = ops.add_rms_norm(x, self.self_attn(h, cos, sin, batch, kv), post.weight, post.eps)
         y = ops.moe(h, self.mlp, top_k=c.num_experts_per_tok, limit=c.swiglu_limit, alpha=c.swiglu_alpha)
+        y = self.parallel.all_reduce(y)  # the ranks' experts summed
         return ops.add_rms_norm(x, y, next_norm.weight, next_norm.eps)
 
 
@@ -168,8 +179,9 @@ class Body(nn.Module):
 
 
 class GptOss(nn.Module):
-    """The whole model. `forward(batch, kv)` runs one step of many sequences and writes their keys and
-    values into the pool."""
+    """The whole model (or, with `parallel`, one rank's shard of it: `config` is then the rank's view, its
+    attention heads the local ones). `forward(batch, kv)` runs one step of many sequences and writes their
+    keys and values into the pool."""
 
     def __init__(
         self,
@@ -178,12 +190,14 @@ class GptOss(nn.Module):
         *,
         dtype: torch.dtype = torch.bfloat16,
         ops: Ops | None = None,
+        parallel: Parallel = SINGLE,
     ) -> None:
         super().__init__()
-        self.config, self.dtype = config, dtype
+        parallel.check(config, dict(specs or {}))
+        self.config, self.dtype, self.parallel = parallel.local_config(config), dtype, parallel
         self.ops = ops or TorchOps()
         self.specs = dict(specs or {})
-        make = LinearBuilder(config, self.specs, dtype)
+        make = LinearBuilder(config, self.specs, dtype, parallel)
         self.model = Body(config, make, self.ops)
         self.lm_head = make("lm_head")
         self.rotary = Rotary(config)
@@ -195,7 +209,7 @@ class GptOss(nn.Module):
     def forward(self, batch: Batch, kv: KVPool) -> torch.Tensor:
         """→ logits (R, V) float32 of the rows `batch.logits_rows`, in that order."""
         ops, layers = self.ops, self.model.layers
-        x = ops.embedding(batch.tokens, self.model.embed_tokens, self.dtype)  # (N, C)
+        x = self.parallel.embedding(ops, batch.tokens, self.model.embed_tokens, self.dtype)  # (N, C)
         cos, sin = self.rotary(batch.positions, self.dtype)
         first = layers[0].input_layernorm
         h = ops.rms_norm(x, first.weight, first.eps)
@@ -203,4 +217,5 @@ class GptOss(nn.Module):
             x, h = block(x, h, cos, sin, batch, kv, next_norm)
         if batch.logits_rows.numel() == 0:  # a prefill chunk short of its prompt's end: no logits wanted
             return x.new_zeros(0, self.config.vocab_size, dtype=torch.float32)
-        return ops.linear(h[batch.logits_rows], self.lm_head).float()  # h: the final norm of the stream
+        logits = ops.linear(h[batch.logits_rows], self.lm_head).float()  # h: the final norm of the stream
+        return self.parallel.gather_logits(logits)

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
 import torch
@@ -50,6 +50,10 @@ class QuantizedWeight(Protocol):
 
 
 class ExpertWeights(Protocol):
+    """A stack of experts; `first` is the global id of its first (not 0 when a rank holds only some of
+    them, engine/parallel.py)."""
+
+    first: int
     gate_proj: QuantizedWeight
     up_proj: QuantizedWeight
     down_proj: QuantizedWeight
@@ -105,6 +109,13 @@ def _take(t: Tensor, index: Any) -> Tensor:
     if t.dtype == torch.uint32 and isinstance(index, Tensor):
         return t.view(torch.int32)[index].view(torch.uint32)
     return t[index]
+
+
+def partial_experts(moe: Callable) -> Callable:
+    """Marks a `moe` that honours a partial expert stack (`local_experts`), as tensor parallelism needs
+    (engine/parallel.py); an override that does not carry the mark is refused under --tp."""
+    moe.partial_experts = True
+    return moe
 
 
 class TorchOps:
@@ -184,12 +195,14 @@ class TorchOps:
             out[a:b] = attend(q[a:b], k_pool[rows], v_pool[rows], sinks, q_pos, k_pos, window=window, scale=scale)
         return out
 
+    @partial_experts
     def moe(self, x: Tensor, mlp: MoEWeights, *, top_k: int, limit: float, alpha: float) -> Tensor:
         """Router top-k then softmax over the k, clamped SwiGLU experts, routing-weighted sum (formats.md
         §4.7 g–i); x (N, C) → (N, C)."""
         logits = self.linear(x, mlp.router)  # (N, E)
         top_v, top_i = torch.topk(logits, top_k, dim=-1)  # (N, k)
         weights = torch.softmax(top_v.float(), dim=-1).to(x.dtype)
+        top_i, weights = local_experts(top_i, weights, mlp.experts, logits.shape[-1])
         if top_i.numel() <= GATHER_MAX_PAIRS:
             y = self._experts_gathered(x, mlp.experts, top_i, limit=limit, alpha=alpha)  # (N, k, C)
             return (y * weights[..., None]).sum(1)
@@ -198,7 +211,7 @@ class TorchOps:
     def _experts_gathered(self, x: Tensor, experts: ExpertWeights, top_i: Tensor, *, limit: float, alpha: float):
         """Each (token, expert) pair against its own gathered expert matrix: no data-dependent shape."""
         N, k = top_i.shape
-        idx = top_i.reshape(-1)
+        idx = top_i.reshape(-1).clamp(min=0)  # a pair for another rank's expert (weight 0) runs the first
         h = x.repeat_interleave(k, dim=0)  # (N k, C)
         gate = _gathered_linear(h, experts.gate_proj, idx).clamp(max=limit)
         up = _gathered_linear(h, experts.up_proj, idx).clamp(-limit, limit)
@@ -210,7 +223,7 @@ class TorchOps:
     ) -> Tensor:
         """Each hit expert dequantized once for all of its tokens (reads the routing on the host)."""
         out = torch.zeros_like(x)
-        for e in torch.unique(top_i).tolist():
+        for e in [e for e in torch.unique(top_i).tolist() if e >= 0]:  # −1: another rank's expert
             tok, slot = torch.where(top_i == e)
             h = x[tok]
             gate = _expert_linear(h, experts.gate_proj, e).clamp(max=limit)
@@ -219,6 +232,18 @@ class TorchOps:
             y = _expert_linear(act, experts.down_proj, e)
             out.index_add_(0, tok, y * weights[tok, slot, None])
         return out
+
+
+def local_experts(top_i: Tensor, weights: Tensor, experts: ExpertWeights, num_experts: int) -> tuple[Tensor, Tensor]:
+    """The routing (N, k) of a rank that holds only experts `first` … `first + n` (engine/parallel.py) →
+    ids into its stack, −1 for a pair routed to another rank's expert, whose weight becomes 0: that pair's
+    contribution comes from its own rank through the all-reduce. The whole stack: unchanged."""
+    n = experts.down_proj.weight.shape[0]
+    if n == num_experts:
+        return top_i, weights
+    local = top_i - experts.first
+    here = (local >= 0) & (local < n)
+    return torch.where(here, local, -1), weights * here
 
 
 def rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:

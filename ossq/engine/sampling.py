@@ -218,8 +218,22 @@ def sample(
     greedy = x.argmax(-1)
     if batch.all_greedy:
         return greedy
-    race = _filtered_weights(x, batch) / _exponential_noise(seeds, counters, x.shape[-1])
+    race = _filtered_weights(x, batch) / exponential_noise(seeds, counters, x.shape[-1])
     return torch.where(batch.temperature == 0, greedy, race.argmax(-1))
+
+
+def ranking_keys(
+    logits: Tensor, batch: SamplingBatch, *, seeds: Tensor, counters: Tensor, recent: Tensor | None = None
+) -> Tensor:
+    """(B, V) float32 keys whose argmax is the token `sample` draws: the race values (0 for a token the
+    filters drop), or a greedy row's penalized logits. Ranking a row by them is the sampler's order of
+    preference, so the best-ranked token of any subset is a draw from the row's distribution restricted
+    to the subset (engine/constrain.py)."""
+    x = penalize_repeats(logits, recent, batch).float()
+    if batch.all_greedy:
+        return x
+    race = _filtered_weights(x, batch) / exponential_noise(seeds, counters, x.shape[-1])
+    return torch.where(batch.temperature[:, None] == 0, x, race)
 
 
 def _filtered_weights(x: Tensor, batch: SamplingBatch) -> Tensor:
@@ -278,16 +292,24 @@ def _nucleus_size(candidates: Tensor, top_k: Tensor, top_p: Tensor) -> Tensor:
     return kept.clamp_min(1)
 
 
-def _exponential_noise(seeds: Tensor, counters: Tensor, vocab: int) -> Tensor:
+def exponential_noise(seeds: Tensor, counters: Tensor, vocab: int) -> Tensor:
     """seeds (B,), counters (B,) int64 -> q (B, V) float32, Exponential(1) and finite, q > 0.
 
-    q[r, v] is a pure function of (seeds[r], counters[r], v): a 32-bit hash made a uniform u in
-    (0, 1) on a grid of 2**23 values, then q = -log(u). The grid means a token whose weight is below
-    ~4e-9 of the top token's is never drawn.
+    q = -log(u) of `uniform_noise`. The grid of u means a token whose weight is below ~4e-9 of the top
+    token's is never drawn.
     """
-    tokens = _lowbias32(torch.arange(vocab, device=seeds.device))  # (V,)
-    bits = _lowbias32(_row_keys(seeds, counters)[:, None] ^ tokens)  # (B, V) in [0, 2**32)
-    return -torch.log(_open_unit(bits))
+    return -torch.log(uniform_noise(seeds, counters, vocab))
+
+
+def uniform_noise(seeds: Tensor, counters: Tensor, width: int) -> Tensor:
+    """seeds (B,), counters (B,) int64 -> u (B, W) float32, uniform in (0, 1) on a grid of 2**23 values.
+
+    u[r, v] is a pure function of (seeds[r], counters[r], v): a 32-bit hash made a uniform. Speculative
+    decoding (engine/speculative.py) draws its accept tests and resamples from streams of other seeds.
+    """
+    tokens = _lowbias32(torch.arange(width, device=seeds.device))  # (W,)
+    bits = _lowbias32(_row_keys(seeds, counters)[:, None] ^ tokens)  # (B, W) in [0, 2**32)
+    return _open_unit(bits)
 
 
 def _row_keys(seeds: Tensor, counters: Tensor) -> Tensor:

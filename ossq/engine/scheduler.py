@@ -21,10 +21,14 @@ from __future__ import annotations
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from ossq.engine.blocks import RELEASED, BlockManager
 from ossq.engine.kv import BLOCK_TOKENS, blocks_for
 from ossq.engine.sampling import SamplingParams
+
+if TYPE_CHECKING:
+    from ossq.engine.constrain import Constraint
 
 
 @dataclass(eq=False)
@@ -45,6 +49,7 @@ class Request:
     num_computed: int = 0  # positions whose keys and values are in the pool
     cached_tokens: int = 0  # positions taken from the prefix cache at the last admission
     finish_reason: str | None = None
+    constraint: Constraint | None = None  # what its next tokens may be (engine/constrain.py)
 
     @property
     def output(self) -> list[int]:
@@ -136,6 +141,29 @@ class Scheduler:
                 if req.blocks[i] != RELEASED:
                     self.blocks.release([req.blocks[i]])
                     req.blocks[i] = RELEASED
+
+    def reserve(self, req: Request, n: int) -> int:
+        """Blocks for up to `n` draft tokens after all of `req`'s tokens, from the free ones only (a draft
+        never preempts anyone) → how many of the `n` fit."""
+        while n > 0 and blocks_for(len(req.tokens) + n) - len(req.blocks) > self.blocks.num_available:
+            n -= 1
+        req.blocks += self.blocks.allocate(blocks_for(len(req.tokens) + n) - len(req.blocks))
+        return n
+
+    def truncate(self, req: Request, length: int) -> None:
+        """Forget `req`'s tokens from `length` on and every key past them (rejected draft tokens): a length
+        change, whose blocks past the computed positions go back to the pool. A keyed block is never
+        written again (it is another request's cached prefix), so one that the cut falls inside is given
+        back whole and its valid positions are recomputed in a fresh block."""
+        del req.tokens[length:]
+        req.num_computed = min(req.num_computed, length)
+        full = req.num_computed // BLOCK_TOKENS
+        if len(req.keys) > full:
+            del req.keys[full:]
+            req.num_computed = full * BLOCK_TOKENS
+        keep = blocks_for(req.num_computed)
+        self.blocks.release(req.blocks[keep:])
+        del req.blocks[keep:]
 
     def preempt(self, req: Request) -> None:
         self._drop(req)

@@ -165,8 +165,9 @@ class TensorInfo:
 
 
 class SafetensorsFiles:
-    """All tensors of a checkpoint directory by file key, read lazily (a whole tensor or one leading-axis
-    slice at a time). Shards come from the index when there is one, else from `model*.safetensors`."""
+    """All tensors of a checkpoint directory by file key, read lazily (a whole tensor, one leading-axis
+    slice, or a region given as slices, of which only the bytes it covers are read). Shards come from the
+    index when there is one, else from `model*.safetensors`."""
 
     def __init__(self, root: Path) -> None:
         self.root = root
@@ -194,26 +195,32 @@ class SafetensorsFiles:
             raise CheckpointError(f"{self.root}: no model*.safetensors files")
         return shards
 
-    def read(self, key: str, index: int | None = None) -> torch.Tensor:
-        """The tensor `key`, or its `index`-th slice along the first axis."""
+    def read(self, key: str, index: Part = None) -> torch.Tensor:
+        """The tensor `key`, its `index`-th slice along the first axis (an int), or the region that a tuple
+        of slices selects (a rank's rows, columns or experts, engine/parallel.py)."""
         info = self.tensors[key]
         handle = self._open.get(info.shard)
         if handle is None:
             handle = self._open[info.shard] = safe_open(str(info.shard), framework="pt")
         if index is None:
             return handle.get_tensor(key)
+        if isinstance(index, tuple):
+            return handle.get_slice(key)[index]
         return handle.get_slice(key)[index : index + 1][0]
 
     def close(self) -> None:
         self._open.clear()
 
 
-Reader = Callable[[int | None], torch.Tensor]
+Part = int | tuple[slice, ...] | None  # one expert (or row) of the first axis, a region, or everything
+Reader = Callable[[Part], torch.Tensor]
 
 
 class Checkpoint:
-    """A gpt-oss checkpoint seen through MLX names: `reader(name)(expert)` returns one tensor (or one
-    expert's slice of it) as the MLX layout stores it; `specs` says how each module is stored."""
+    """A gpt-oss checkpoint seen through MLX names: `reader(name)(part)` returns one tensor (or one
+    expert's slice of it, or a region of it) as the MLX layout stores it; `specs` says how each module is
+    stored. A region of a published-layout expert tensor may cut only the expert axis (the others are
+    re-laid on reading)."""
 
     def __init__(self, path_or_repo: str | Path) -> None:
         self.root = resolve(path_or_repo)
@@ -313,11 +320,12 @@ class Checkpoint:
         """MLX names in mlx-lm's module order (formats.md §2.2)."""
         return iter(self.expected)
 
-    def read(self, name: str, expert: int | None = None) -> torch.Tensor:
+    def read(self, name: str, expert: Part = None) -> torch.Tensor:
+        """Tensor `name` whole, its `expert`-th slice (an int), or the region a tuple of slices selects."""
         t = self.readers[name](expert)
-        want = self.expected[name][1:] if expert is not None else self.expected[name]
+        want = _part_shape(self.expected[name], expert)
         if tuple(t.shape) != tuple(want):
-            where = f"{name}[{expert}]" if expert is not None else name
+            where = f"{name}[{expert}]" if isinstance(expert, int) else name
             raise CheckpointError(f"{self.root}: tensor {where} has shape {tuple(t.shape)}, expected {tuple(want)}")
         return t
 
@@ -329,19 +337,29 @@ class _ReadOnce:
     """A source tensor that two MLX tensors are cut from (gate and up of `gate_up_proj`). Read whole (the
     loader, which asks for gate then up), the first read keeps it and the second takes it, so it is read
     once. Per-expert slices (the converter, which streams every gate slice before any up slice) are read
-    each time: keeping them would hold a whole layer's experts and break the converter's memory bound."""
+    each time: keeping them would hold a whole layer's experts and break the converter's memory bound.
+    A region (a rank's experts, which the loader also asks for gate then up) is kept like a whole read."""
 
     def __init__(self, read: Reader) -> None:
-        self.read, self.kept = read, None
+        self.read, self.kept, self.kept_part = read, None, None
 
-    def __call__(self, expert: int | None) -> torch.Tensor:
-        if expert is not None:
+    def __call__(self, expert: Part) -> torch.Tensor:
+        if isinstance(expert, int):
             return self.read(expert)
-        if self.kept is not None:
+        if self.kept is not None and self.kept_part == expert:
             t, self.kept = self.kept, None
             return t
-        self.kept = t = self.read(None)
-        return t
+        self.kept, self.kept_part = self.read(expert), expert
+        return self.kept
+
+
+def _part_shape(shape: tuple[int, ...], part: Part) -> tuple[int, ...]:
+    """The shape of `part` of a tensor of `shape`."""
+    if part is None:
+        return tuple(shape)
+    if isinstance(part, int):
+        return tuple(shape[1:])
+    return tuple(torch.empty(shape, device="meta")[part].shape)
 
 
 def _rows(t: torch.Tensor, start: int, axis: int) -> torch.Tensor:

@@ -30,11 +30,12 @@ from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException
 
+from ossq.engine.constrain import FinalJson
 from ossq.engine.engine import Engine
 from ossq.engine.generate import stop_tokens
 from ossq.errors import OssqError
 from ossq.serve.completion import Completion, Delta
-from ossq.serve.prompts import chat_prompt, responses_prompt
+from ossq.serve.prompts import Prompt, chat_prompt, responses_prompt
 from ossq.serve.protocol import (
     ApiError,
     ChatRequest,
@@ -395,6 +396,12 @@ def _api_routes(state: _State) -> APIRouter:
 
 
 # ---- POST /v1/chat/completions ----------------------------------------------------------------------------
+def _constraint(state: _State, prompt: Prompt) -> FinalJson | None:
+    """The final channel held to the prompt's response format, if it has one."""
+    fmt = prompt.response_format
+    return None if fmt is None else FinalJson.for_schema(state.tokenizer, fmt.schema)
+
+
 async def _chat(state: _State, req: ChatRequest, request: Request):
     state.check_model(req.model)
     if req.top_logprobs is not None and not req.logprobs:
@@ -406,7 +413,8 @@ async def _chat(state: _State, req: ChatRequest, request: Request):
     )
     max_tokens = req.max_completion_tokens or req.max_tokens or state.room(len(prompt.tokens))
     stops = stop_tokens(state.engine.model.config)
-    job = Job(prompt.tokens, sampling, max_tokens, stops, (req.top_logprobs or 0) if req.logprobs else None)
+    top = (req.top_logprobs or 0) if req.logprobs else None
+    job = Job(prompt.tokens, sampling, max_tokens, stops, top, _constraint(state, prompt))
     gen = _Generation(state, job, "chat")
     await gen.start()
     head = {"id": "chatcmpl-" + secrets.token_hex(12), "created": now(), "model": state.config.model_name}
@@ -530,7 +538,8 @@ async def _responses(state: _State, req: ResponsesRequest, request: Request):
     prompt = responses_prompt(req, items, first_new=len(previous))
     completion = Completion(state.tokenizer, harmony=True, functions=prompt.functions, prefill=prompt.prefill)
     max_tokens = req.max_output_tokens or state.room(len(prompt.tokens))
-    job = Job(prompt.tokens, req.sampling(), max_tokens, stop_tokens(state.engine.model.config))
+    stops = stop_tokens(state.engine.model.config)
+    job = Job(prompt.tokens, req.sampling(), max_tokens, stops, constraint=_constraint(state, prompt))
     gen = _Generation(state, job, "responses")
     await gen.start()
     builder = ResponseBuilder(_response_skeleton(state, req))
@@ -647,6 +656,10 @@ def _metrics(state: _State) -> str:
         metric("kv_blocks_used", "gauge", "KV-cache blocks held by requests.", [("", s.blocks_used)])
         metric("kv_blocks_total", "gauge", "KV-cache blocks in the pool.", [("", s.blocks_total)])
         metric("engine_steps_total", "counter", "Engine steps run.", [("", s.steps)])
+    if s is not None and s.speculation is not None:
+        d = s.speculation
+        metric("draft_tokens_total", "counter", "Draft tokens proposed (--draft-model).", [("", d.draft_tokens)])
+        metric("draft_tokens_accepted_total", "counter", "Of those, tokens accepted.", [("", d.accepted_tokens)])
     return "\n".join(lines) + "\n"
 
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from ossq.engine.constrain import JSON_TYPES
 from ossq.errors import OssqError
 from ossq.harmony import Chat, ResponseFormat
 from ossq.serve.protocol import (
@@ -49,6 +50,7 @@ class Prompt:
     tokens: list[int]
     prefill: list[int]
     functions: frozenset[str]  # the functions the model may call
+    response_format: ResponseFormat | None = None  # what the final channel's message must be (enforced)
 
 
 def chat_prompt(req: ChatRequest) -> Prompt:
@@ -77,7 +79,7 @@ def chat_prompt(req: ChatRequest) -> Prompt:
                     param=f"{where}.tool_call_id",
                 )
             chat.add_tool_result(name, _text(m.content, f"{where}.content"))
-    return _prompt(chat, prefill, functions)
+    return _prompt(chat, prefill, functions, fmt)
 
 
 def _assistant(chat: Chat, m, where: str, names: frozenset[str], calls: dict[str, str]) -> None:
@@ -136,7 +138,7 @@ def responses_prompt(req: ResponsesRequest, items: Sequence, *, first_new: int) 
             text = _text(it.content, f"{where(i)}.content") if it.content else _text(it.summary, where(i))
             if text:
                 chat.add_reasoning(text)
-    return _prompt(chat, prefill, functions)
+    return _prompt(chat, prefill, functions, fmt)
 
 
 def _message_item(chat: Chat, it: MessageItem, where: str) -> None:
@@ -180,9 +182,9 @@ def _chat(
     return chat, prefill, functions
 
 
-def _prompt(chat: Chat, prefill: str, functions: frozenset[str]) -> Prompt:
+def _prompt(chat: Chat, prefill: str, functions: frozenset[str], fmt: ResponseFormat | None) -> Prompt:
     head = o200k_harmony().encode(prefill, allowed_special="all") if prefill else []
-    return Prompt(chat.prompt_tokens() + head, head, functions)
+    return Prompt(chat.prompt_tokens() + head, head, functions, fmt)
 
 
 def _names(tools: list[dict], param: str) -> frozenset[str]:
@@ -225,7 +227,7 @@ def _chat_format(req: ChatRequest) -> ResponseFormat | None:
         raise ApiError(
             400, "response_format.json_schema.schema: a json_schema format needs a schema", param="response_format"
         )
-    return ResponseFormat(rf.json_schema.name, rf.json_schema.schema_, rf.json_schema.description)
+    return _schema_format(rf.json_schema.name, rf.json_schema.schema_, rf.json_schema.description, "response_format")
 
 
 def _text_format(req: ResponsesRequest) -> ResponseFormat | None:
@@ -236,4 +238,13 @@ def _text_format(req: ResponsesRequest) -> ResponseFormat | None:
         return JSON_OBJECT
     if not f.schema_:
         raise ApiError(400, "text.format.schema: a json_schema format needs a schema", param="text.format")
-    return ResponseFormat(f.name, f.schema_, f.description)
+    return _schema_format(f.name, f.schema_, f.description, "text.format")
+
+
+def _schema_format(name: str, schema: dict, description: str | None, param: str) -> ResponseFormat:
+    """A json_schema format whose top-level type the server can enforce (engine/constrain.py)."""
+    root = schema.get("type")
+    if isinstance(root, str) and root not in JSON_TYPES:
+        types = ", ".join(JSON_TYPES)
+        raise ApiError(400, f"{param}: the schema's type must be one of {types}, got {root!r}", param=param)
+    return ResponseFormat(name, schema, description)

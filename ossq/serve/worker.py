@@ -19,8 +19,10 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ossq.engine.constrain import Constraint
 from ossq.engine.engine import Engine, StepOutput
 from ossq.engine.sampling import SamplingParams
+from ossq.engine.speculative import SpecStats
 from ossq.errors import OssqError
 
 log = logging.getLogger("ossq.serve")
@@ -73,6 +75,7 @@ class Job:
     max_tokens: int
     stop: frozenset[int]
     top_logprobs: int | None = None
+    constraint: Constraint | None = None  # response_format's JSON (engine/constrain.py)
     events: asyncio.Queue[Event] = field(default_factory=asyncio.Queue)
     request_id: int | None = None  # the engine's id, set by the thread
 
@@ -91,6 +94,7 @@ class WorkerStats:
     cached_tokens: int = 0
     generated_tokens: int = 0
     finished: dict[str, int] = field(default_factory=dict)  # by reason: stop, length, cancelled, error
+    speculation: SpecStats | None = None  # the speculator's running totals, when the engine speculates
 
     @property
     def prefix_cache_hit_rate(self) -> float:
@@ -100,7 +104,8 @@ class WorkerStats:
 class EngineWorker:
     def __init__(self, engine: Engine, loop: asyncio.AbstractEventLoop) -> None:
         self.engine, self.loop = engine, loop
-        self.stats = WorkerStats(blocks_total=engine.num_blocks)
+        spec = engine.speculator.stats if engine.speculator is not None else None
+        self.stats = WorkerStats(blocks_total=engine.num_blocks, speculation=spec)
         self._inbox: queue.SimpleQueue[tuple[str, Job | None]] = queue.SimpleQueue()
         self._jobs: dict[int, Job] = {}
         self._outbox: list[tuple[Job, Event]] = []
@@ -152,7 +157,12 @@ class EngineWorker:
         logits_from = len(job.prompt) - 1 if job.top_logprobs is not None and job.prompt else None
         try:
             rid = self.engine.add_request(
-                job.prompt, job.params, max_tokens=job.max_tokens, stop=job.stop, logits_from=logits_from
+                job.prompt,
+                job.params,
+                max_tokens=job.max_tokens,
+                stop=job.stop,
+                logits_from=logits_from,
+                constraint=job.constraint,
             )
         except OssqError as e:
             self._outbox.append((job, Failed(e)))

@@ -55,21 +55,22 @@ def _gate_up_kernel(x_ptr, idx_ptr, gw, gs, gb, gbias, uw, us, ub, ubias, act_pt
     pid_n = tl.program_id(0)
     pair = tl.program_id(1)
     expert = tl.load(idx_ptr + pair).to(tl.int64)
-    x_row = x_ptr + (pair // TOP_K).to(tl.int64) * stride_xm
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    n_mask = offs_n < I
-    w_off, s_off = expert * stride_we, expert * stride_se
-    g = _row_matvec(x_row, gw + w_off, gs + s_off, gb + s_off, offs_n, n_mask, 0, K, stride_wn, stride_sn,
-                    BITS, G, MXFP4, BLOCK_N, BLOCK_K, MAGIC)  # fmt: skip
-    u = _row_matvec(x_row, uw + w_off, us + s_off, ub + s_off, offs_n, n_mask, 0, K, stride_wn, stride_sn,
-                    BITS, G, MXFP4, BLOCK_N, BLOCK_K, MAGIC)  # fmt: skip
-    if HAS_BIAS:
-        g += tl.load(gbias + expert * stride_bias_e + offs_n, mask=n_mask, other=0).to(tl.float32)
-        u += tl.load(ubias + expert * stride_bias_e + offs_n, mask=n_mask, other=0).to(tl.float32)
-    g = tl.minimum(g, limit)
-    u = tl.minimum(tl.maximum(u, -limit), limit)
-    act = g * tl.sigmoid(alpha * g) * (u + 1)
-    tl.store(act_ptr + pair.to(tl.int64) * I + offs_n, act, mask=n_mask)
+    if expert >= 0:  # −1: another rank's expert (tensor parallel), whose act row nothing reads
+        x_row = x_ptr + (pair // TOP_K).to(tl.int64) * stride_xm
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        n_mask = offs_n < I
+        w_off, s_off = expert * stride_we, expert * stride_se
+        g = _row_matvec(x_row, gw + w_off, gs + s_off, gb + s_off, offs_n, n_mask, 0, K, stride_wn, stride_sn,
+                        BITS, G, MXFP4, BLOCK_N, BLOCK_K, MAGIC)  # fmt: skip
+        u = _row_matvec(x_row, uw + w_off, us + s_off, ub + s_off, offs_n, n_mask, 0, K, stride_wn, stride_sn,
+                        BITS, G, MXFP4, BLOCK_N, BLOCK_K, MAGIC)  # fmt: skip
+        if HAS_BIAS:
+            g += tl.load(gbias + expert * stride_bias_e + offs_n, mask=n_mask, other=0).to(tl.float32)
+            u += tl.load(ubias + expert * stride_bias_e + offs_n, mask=n_mask, other=0).to(tl.float32)
+        g = tl.minimum(g, limit)
+        u = tl.minimum(tl.maximum(u, -limit), limit)
+        act = g * tl.sigmoid(alpha * g) * (u + 1)
+        tl.store(act_ptr + pair.to(tl.int64) * I + offs_n, act, mask=n_mask)
 
 
 @triton.jit
@@ -86,12 +87,13 @@ def _down_kernel(act_ptr, idx_ptr, route_ptr, dw, ds, db, dbias, out_ptr, C, I, 
     for j in tl.static_range(TOP_K):
         pair = token * TOP_K + j
         expert = tl.load(idx_ptr + pair).to(tl.int64)
-        w_off, s_off = expert * stride_we, expert * stride_se
-        y = _row_matvec(act_ptr + pair.to(tl.int64) * I, dw + w_off, ds + s_off, db + s_off, offs_n, n_mask,
-                        0, I, stride_wn, stride_sn, BITS, G, MXFP4, BLOCK_N, BLOCK_K, MAGIC)  # fmt: skip
-        if HAS_BIAS:
-            y += tl.load(dbias + expert * stride_bias_e + offs_n, mask=n_mask, other=0).to(tl.float32)
-        out += tl.load(route_ptr + pair) * y
+        if expert >= 0:
+            w_off, s_off = expert * stride_we, expert * stride_se
+            y = _row_matvec(act_ptr + pair.to(tl.int64) * I, dw + w_off, ds + s_off, db + s_off, offs_n, n_mask,
+                            0, I, stride_wn, stride_sn, BITS, G, MXFP4, BLOCK_N, BLOCK_K, MAGIC)  # fmt: skip
+            if HAS_BIAS:
+                y += tl.load(dbias + expert * stride_bias_e + offs_n, mask=n_mask, other=0).to(tl.float32)
+            out += tl.load(route_ptr + pair) * y
     tl.store(out_ptr + token.to(tl.int64) * stride_om + offs_n, out.to(out_ptr.dtype.element_ty), mask=n_mask)
 
 
@@ -119,7 +121,7 @@ def experts(
 ) -> Tensor:
     """x (N, C), expert ids top_i (N, k), routing weights route (N, k) → Σ_j route[:, j]·expert_j(x), (N, C)
     in x's dtype. `experts` holds gate_proj/up_proj (E, I, C) and down_proj (E, C, I) stacks, gate and up
-    stored alike."""
+    stored alike. A pair of expert id −1 (another rank's expert, tensor parallel) adds nothing."""
     gate, up, down = experts.gate_proj, experts.up_proj, experts.down_proj
     assert gate.spec == up.spec and (gate.bias is None) == (up.bias is None)
     x = x.contiguous()
@@ -256,18 +258,22 @@ def sort_pairs(top_i: Tensor, num_experts: int, block_m: int) -> tuple[Tensor, T
     """Expert ids top_i (N, k) → (pairs, block_expert): the pair ids t·k + j grouped by expert, each expert's
     segment padded to a multiple of block_m with the sentinel N·k, (blocks·block_m,) int32; and each block's
     expert, num_experts past the last segment, (blocks,) int64 — blocks = N·k // block_m + min(E, N·k), all
-    on the device."""
+    on the device. A pair of expert id −1 (another rank's expert, tensor parallel) is in no segment."""
+    P = top_i.numel()
+    device = top_i.device
     ids = top_i.reshape(-1)
-    P = ids.numel()
-    device = ids.device
+    ids = torch.where(ids < 0, num_experts, ids)  # left out: sorted after every segment
     ids_sorted, order = torch.sort(ids, stable=True)
     bounds = torch.searchsorted(ids_sorted, torch.arange(num_experts + 1, device=device, dtype=ids.dtype))
     padded = (bounds[1:] - bounds[:-1] + block_m - 1) // block_m * block_m
     padded_end = torch.cumsum(padded, 0)
     shift = padded_end - padded - bounds[:-1]  # each expert's padded start minus its sorted start
     blocks = P // block_m + min(num_experts, P)
-    pairs = torch.full((blocks * block_m,), P, dtype=torch.int32, device=device)
-    pairs.scatter_(0, torch.arange(P, device=device) + shift.index_select(0, ids_sorted), order.to(torch.int32))
+    pairs = torch.full((blocks * block_m + 1,), P, dtype=torch.int32, device=device)  # + a slot for the left out
+    shifted = torch.arange(P, device=device) + shift.index_select(0, ids_sorted.clamp(max=num_experts - 1))
+    dest = torch.where(ids_sorted < num_experts, shifted, blocks * block_m)
+    pairs.scatter_(0, dest, order.to(torch.int32))
+    pairs = pairs[:-1]
     starts = torch.arange(0, blocks * block_m, block_m, device=device)
     return pairs, torch.searchsorted(padded_end, starts, right=True)
 
@@ -295,10 +301,11 @@ def grouped_experts(
     block_k: int | None = None,
     num_warps: int = 4,
     magic: bool = True,
+    partial: bool = False,
 ) -> Tensor:
     """x (N, C), expert ids top_i (N, k), routing weights route (N, k) → Σ_j route[:, j]·expert_j(x), (N, C)
     in x's dtype, as `experts` but with the pairs grouped by expert (see the module docstring); tiles left
-    None take `grouped_tiles`."""
+    None take `grouped_tiles`. `partial`: ids may be −1 (another rank's expert), whose pairs add nothing."""
     gate, up, down = experts.gate_proj, experts.up_proj, experts.down_proj
     assert gate.spec == up.spec and (gate.bias is None) == (up.bias is None)
     x = x.contiguous()
@@ -326,7 +333,7 @@ def grouped_experts(
         **launch_args(x.device),
         num_stages=1 if straddle else 2,
     )  # fmt: skip
-    y = torch.empty(N * k, C, dtype=torch.float32, device=x.device)
+    y = (torch.zeros if partial else torch.empty)(N * k, C, dtype=torch.float32, device=x.device)  # −1: no write
     dw, ds, db, dbias = _stack_args(down, I)
     step = max(min(bk, triton.next_power_of_2(I)), down.spec.group_size)
     _grouped_down_kernel[(triton.cdiv(C, bn), *grid)](

@@ -33,7 +33,7 @@ from torch import Tensor
 
 from ossq.config import ModelConfig
 from ossq.engine.batch import Batch
-from ossq.engine.ops import GATHER_MAX_PAIRS, MoEWeights, QuantizedWeight, TorchOps
+from ossq.engine.ops import GATHER_MAX_PAIRS, MoEWeights, QuantizedWeight, TorchOps, local_experts, partial_experts
 from ossq.engine.triton import attention, fused, moe, prefill, qmm
 from ossq.quant import affine
 from ossq.quant.spec import QuantSpec
@@ -103,14 +103,20 @@ class TritonOps(TorchOps):
     ) -> Tensor:
         return fused.rope_and_store(q, k, v, cos, sin, k_pool, v_pool, slots)
 
+    @partial_experts
     def moe(self, x: Tensor, mlp: MoEWeights, *, top_k: int, limit: float, alpha: float) -> Tensor:
         e = mlp.experts
         specs = (e.gate_proj.spec, e.up_proj.spec, e.down_proj.spec)
         if None in specs or specs[0] != specs[1] or x.shape[0] == 0:
             return super().moe(x, mlp, top_k=top_k, limit=limit, alpha=alpha)
-        top_i, weights = fused.route(self.linear(x, mlp.router), top_k)  # (N, k) each, on the device
-        run = moe.experts if x.shape[0] * top_k <= MOE_MAX_PAIRS else moe.grouped_experts
-        return run(x, e, top_i, weights, limit=limit, alpha=alpha)
+        logits = self.linear(x, mlp.router)  # (N, E)
+        top_i, weights = fused.route(logits, top_k)  # (N, k) each, on the device
+        num_experts = logits.shape[-1]
+        top_i, weights = local_experts(top_i, weights, e, num_experts)  # −1: another rank's expert
+        if x.shape[0] * top_k <= MOE_MAX_PAIRS:
+            return moe.experts(x, e, top_i, weights, limit=limit, alpha=alpha)
+        partial = e.down_proj.weight.shape[0] != num_experts
+        return moe.grouped_experts(x, e, top_i, weights, limit=limit, alpha=alpha, partial=partial)
 
     def attention(
         self,

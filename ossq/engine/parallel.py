@@ -1,0 +1,310 @@
+"""Tensor parallelism (`--tp N`): which slice of each checkpoint tensor a rank holds, and the collectives
+that make N ranks compute what one process computes.
+
+The model stays one file (engine/model.py); parallelism enters it at three points only:
+- construction: every Linear and the sinks are built at this rank's shape (`shard_info`, `heads`);
+- loading: every rank reads only its slice of each tensor straight from the checkpoint (`shard`);
+- four collectives: the vocabulary-parallel embedding, the all-reduce after o_proj, the all-reduce after
+  the mixture of experts, and the all-gather of the logits.
+
+Placement (N ranks, rank r; H query heads, K kv heads, E experts, V vocabulary; MLX stores a weight as
+(out, in·bits/32) packed along its input, formats.md §3.3):
+- q_proj rows and the sinks: query heads r·H/N … (r+1)·H/N. k_proj, v_proj rows: the kv heads those query
+  heads read — K/N of them when N ≤ K; when N > K each kv head is replicated on the N/K ranks of its group.
+- o_proj: the same heads' columns of its input, i.e. the last axis of weight, scales and biases, which must
+  cut whole quantization groups (and so whole uint32 words: a group is ≥ 32 inputs); its bias lives on
+  rank 0 only (the others hold zeros), so the all-reduce of the partial products adds it once.
+- experts: whole experts r·E/N … (r+1)·E/N (gate, up and down of an expert stay together, so no matrix is
+  cut and the quantization groups never matter). The router is replicated; each rank runs the tokens routed
+  to its experts (TorchOps.moe's local-experts mask) and the partial sums are all-reduced.
+- embed_tokens and lm_head: rows of the vocabulary r·V/N … (r+1)·V/N.
+- norms and the router: whole on every rank.
+
+Ranks agree without talking about it: after each all-reduce every rank holds the same bits (gloo and NCCL
+give all ranks one result), so the residual stream, the router's top-k and the gathered logits are
+identical on every rank, and with identical requests, seeds and pool sizes every rank schedules and
+samples the same tokens. With one rank nothing here runs a collective and every shape is the whole.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from ossq.config import ModelConfig
+from ossq.engine.kv import default_kv_tokens
+from ossq.engine.ops import Ops, QuantizedWeight, default_ops, select_ops
+from ossq.engine.sampling import SamplingParams, random_seed
+from ossq.errors import ConfigError, OssqError, UnsupportedQuantization
+from ossq.formats.hf import Checkpoint
+from ossq.formats.mlx import LinearInfo, linear_modules
+from ossq.quant.spec import QuantSpec
+
+if TYPE_CHECKING:
+    from ossq.engine.engine import EngineConfig
+    from ossq.engine.model import GptOss
+
+HEAD_KINDS = ("q_proj", "k_proj", "v_proj")
+VOCAB_KINDS = ("embed_tokens", "lm_head")
+EXPERT_KINDS = ("gate_proj", "up_proj", "down_proj")
+
+
+class ParallelError(OssqError):
+    """A rank failed, died or timed out, or the ranks cannot be laid out as asked."""
+
+
+@dataclass(frozen=True)
+class Shard:
+    """What one rank holds of a checkpoint tensor: `start:stop` along `axis` (None: the whole tensor);
+    `zero`: nothing is read and the buffer stays zero (a replicated bias the all-reduce must add once)."""
+
+    axis: int | None = None
+    start: int = 0
+    stop: int = 0
+    zero: bool = False
+
+    def index(self, ndim: int) -> tuple[slice, ...] | None:
+        """The slices that select the shard from the whole tensor, for Checkpoint.read; None: whole."""
+        if self.axis is None:
+            return None
+        index = [slice(None)] * ndim
+        index[self.axis] = slice(self.start, self.stop)
+        return tuple(index)
+
+
+WHOLE = Shard()
+
+
+@dataclass(frozen=True)
+class Parallel:
+    """This process's place among `world_size` tensor-parallel ranks. `group` is the torch.distributed
+    process group (None: the default one); `device` is the rank's device where the launcher chose it
+    (one GPU per rank), None to let the caller decide."""
+
+    rank: int = 0
+    world_size: int = 1
+    group: Any = None
+    device: str | None = None
+
+    @property
+    def active(self) -> bool:
+        return self.world_size > 1
+
+    # ---- placement ---------------------------------------------------------------------------------
+    def _part(self, total: int) -> range:
+        return range(*_part_bounds(self.rank, self.world_size, total))
+
+    def heads(self, config: ModelConfig) -> range:
+        """The query heads of this rank."""
+        return self._part(config.num_attention_heads)
+
+    def kv_heads(self, config: ModelConfig) -> range:
+        """The kv heads this rank's query heads read: K/N of them, or one shared by N/K ranks when N > K."""
+        K, N = config.num_key_value_heads, self.world_size
+        if N <= K:
+            return self._part(K)
+        first = self.rank // (N // K)
+        return range(first, first + 1)
+
+    def experts(self, config: ModelConfig) -> range:
+        return self._part(config.num_local_experts)
+
+    def vocab(self, config: ModelConfig) -> range:
+        return self._part(config.vocab_size)
+
+    def local_config(self, config: ModelConfig) -> ModelConfig:
+        """The config of the attention this rank runs: its heads only (what the KV pool and the kernels
+        size themselves by); experts and vocabulary keep their whole counts (the router and the gathered
+        logits span them all)."""
+        if not self.active:
+            return config
+        return dataclasses.replace(
+            config, num_attention_heads=len(self.heads(config)), num_key_value_heads=len(self.kv_heads(config))
+        )
+
+    def shard_info(self, info: LinearInfo, config: ModelConfig) -> LinearInfo:
+        """The module as this rank stores it."""
+        if not self.active:
+            return info
+        D = config.head_dim
+        if info.kind == "q_proj":
+            return dataclasses.replace(info, out_features=len(self.heads(config)) * D)
+        if info.kind in ("k_proj", "v_proj"):
+            return dataclasses.replace(info, out_features=len(self.kv_heads(config)) * D)
+        if info.kind == "o_proj":
+            return dataclasses.replace(info, in_features=len(self.heads(config)) * D)
+        if info.kind in EXPERT_KINDS:
+            return dataclasses.replace(info, experts=len(self.experts(config)))
+        if info.kind in VOCAB_KINDS:
+            return dataclasses.replace(info, out_features=len(self.vocab(config)))
+        return info
+
+    def shard(self, name: str, shape: tuple[int, ...], config: ModelConfig) -> Shard:
+        """The slice of checkpoint tensor `name` (an MLX name, of whole shape `shape`) this rank holds."""
+        if not self.active:
+            return WHOLE
+        module, _, part = name.rpartition(".")
+        if part == "sinks":
+            return _rows(self.heads(config), 1)
+        kind = _kinds(config).get(module)
+        D = config.head_dim
+        if kind == "q_proj":
+            return _rows(self.heads(config), D)
+        if kind in ("k_proj", "v_proj"):
+            return _rows(self.kv_heads(config), D)
+        if kind == "o_proj" and part == "bias":
+            return WHOLE if self.rank == 0 else Shard(zero=True)
+        if kind == "o_proj":  # weight, scales, biases: this rank's heads are an N-th of the packed input axis
+            width = shape[-1]
+            if width % self.world_size:
+                raise UnsupportedQuantization(f"--tp {self.world_size} cannot cut {name}'s {width} columns evenly")
+            return Shard(len(shape) - 1, *_part_bounds(self.rank, self.world_size, width))
+        if kind in EXPERT_KINDS:
+            return _rows(self.experts(config), 1)
+        if kind in VOCAB_KINDS:
+            return _rows(self.vocab(config), 1)
+        return WHOLE
+
+    def default_ops(self, device: torch.device | None = None) -> str | None:
+        """The ops to run when none are named: the device's (None) alone; across ranks the device's if
+        they honour a partial expert stack (Triton on CUDA), else the reference."""
+        if not self.active:
+            return None
+        name = default_ops(device or torch.device("cpu"))
+        return name if getattr(type(select_ops(name, device)).moe, "partial_experts", False) else "torch"
+
+    def check_ops(self, ops: Ops | str | None) -> None:
+        """Across ranks the mixture of experts must honour a partial expert stack: a `moe` marked
+        `partial_experts` (engine/ops.py; TorchOps' and TritonOps' are). `ops` is an implementation, its name, or None
+        (`default_ops`)."""
+        if not self.active:
+            return
+        if ops is None or isinstance(ops, str):
+            ops = select_ops(ops or self.default_ops(), torch.device("cpu"))  # the class decides, not the device
+        if not getattr(type(ops).moe, "partial_experts", False):
+            name = getattr(ops, "name", type(ops).__name__)
+            raise OssqError(
+                f"--tp {self.world_size} runs with the torch or triton ops (the {name!r} ops compute the whole "
+                "expert stack); pass --ops torch or leave --ops out"
+            )
+
+    def check(self, config: ModelConfig, specs: dict[str, QuantSpec | None]) -> None:
+        """Fail, before any work, when the model cannot be split `world_size` ways."""
+        if not self.active:
+            return
+        N, c = self.world_size, config
+        for what, count in (
+            ("attention heads", c.num_attention_heads),
+            ("experts", c.num_local_experts),
+            ("vocabulary rows", c.vocab_size),
+        ):
+            if count % N:
+                raise ConfigError(f"--tp {N} does not divide the model's {count} {what}; choose a divisor of {count}")
+        K = c.num_key_value_heads
+        if K % N and N % K:
+            raise ConfigError(f"--tp {N} and the model's {K} kv heads: one must divide the other")
+        inputs = c.num_attention_heads // N * c.head_dim
+        for info in linear_modules(c):
+            spec = specs.get(info.path)
+            if info.kind == "o_proj" and spec is not None and inputs % spec.group_size:
+                raise UnsupportedQuantization(
+                    f"--tp {N} gives each rank {inputs} inputs of {info.path}, which cuts its quantization groups "
+                    f"of {spec.group_size}; choose a --tp whose share is a multiple of {spec.group_size}"
+                )
+
+    # ---- collectives -------------------------------------------------------------------------------
+    def all_reduce(self, x: Tensor) -> Tensor:
+        """The sum of every rank's partial `x`, on every rank (in place)."""
+        if self.active:
+            dist.all_reduce(x, group=self.group)
+        return x
+
+    def embedding(self, ops: Ops, ids: Tensor, emb: QuantizedWeight, dtype: torch.dtype) -> Tensor:
+        """Vocabulary-parallel lookup of ids (N,) → (N, C): this rank gathers the rows of its slice, a token
+        outside it gets zeros here and its row from the rank that holds it (an exact all-reduce: x + 0)."""
+        if not self.active:
+            return ops.embedding(ids, emb, dtype)
+        n = emb.weight.shape[0]
+        local = ids - self.rank * n
+        here = (local >= 0) & (local < n)
+        x = ops.embedding(torch.where(here, local, 0), emb, dtype).masked_fill(~here[:, None], 0)
+        return self.all_reduce(x)
+
+    def gather_logits(self, logits: Tensor) -> Tensor:
+        """(R, V/N) of this rank's vocabulary → (R, V) on every rank."""
+        if not self.active:
+            return logits
+        parts = [torch.empty_like(logits) for _ in range(self.world_size)]
+        dist.all_gather(parts, logits.contiguous(), group=self.group)
+        return torch.cat(parts, dim=-1)
+
+    def agree(self, value: Any) -> Any:
+        """Rank 0's `value` (any picklable object) on every rank: a random seed, a decision."""
+        if not self.active:
+            return value
+        box = [value]
+        dist.broadcast_object_list(box, src=0, group=self.group)
+        return box[0]
+
+    def agree_min(self, value: int) -> int:
+        """The smallest of the ranks' `value`s (e.g. KV pool sizes, which free memory decides per GPU)."""
+        if not self.active:
+            return value
+        t = torch.tensor([value], dtype=torch.int64, device=self._collective_device())
+        dist.all_reduce(t, op=dist.ReduceOp.MIN, group=self.group)
+        return int(t.item())
+
+    def sampling(self, params: SamplingParams) -> SamplingParams:
+        """`params` with one seed for all ranks: rank 0's random one when none is given (each rank drawing
+        its own would make them sample different tokens)."""
+        if not self.active or params.seed is not None:
+            return params
+        return dataclasses.replace(params, seed=self.agree(random_seed()))
+
+    def engine_config(self, config: EngineConfig, model: GptOss) -> EngineConfig:
+        """`config` with a KV pool size that every rank shares: pool sizes drive admission and preemption,
+        so ranks whose free memory differs must still schedule alike (the smallest default wins)."""
+        if not self.active or config.kv_cache_tokens is not None:
+            return config
+        tokens = default_kv_tokens(model.config, model.dtype, model.device)
+        return dataclasses.replace(config, kv_cache_tokens=self.agree_min(tokens))
+
+    def _collective_device(self) -> str:
+        return "cuda" if dist.get_backend(self.group) == "nccl" else "cpu"
+
+
+SINGLE = Parallel()
+
+
+def check_checkpoint(path_or_repo: str | Path, tp: int, ops: str | None = None) -> None:
+    """Fail before any rank starts when the checkpoint cannot be split `tp` ways, or `ops` cannot run a
+    shard (reads only the checkpoint's config and tensor headers)."""
+    if tp == 1:
+        return
+    Parallel(world_size=tp).check_ops(ops)
+    ckpt = Checkpoint(path_or_repo)
+    try:
+        Parallel(world_size=tp).check(ckpt.config, ckpt.specs)
+    finally:
+        ckpt.close()
+
+
+def _rows(part: range, per: int) -> Shard:
+    return Shard(axis=0, start=part.start * per, stop=part.stop * per)
+
+
+def _part_bounds(rank: int, world_size: int, total: int) -> tuple[int, int]:
+    n = total // world_size
+    return rank * n, (rank + 1) * n
+
+
+@functools.lru_cache(maxsize=4)
+def _kinds(config: ModelConfig) -> dict[str, str]:
+    return {m.path: m.kind for m in linear_modules(config)}
