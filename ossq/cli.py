@@ -296,6 +296,15 @@ def _add_convert(sub) -> None:
     )
     p.add_argument("--force", action="store_true", help="replace an existing destination")
     p.add_argument("--dry-run", action="store_true", help="print the per-tensor plan and size, write nothing")
+    p.add_argument("--calibrate", default=None, choices=("gptq", "awq"), help="calibrated rounding over --calib-data")
+    p.add_argument("--calib-data", default=None, help="calibration text: a file, a directory or a dataset name")
+    p.add_argument("--calib-tokens", type=_int_in(16), default=4096, help="calibration tokens (default: 4096)")
+    p.add_argument(
+        "--target-bpw",
+        type=_float_in("a positive number", lambda v: v > 0),
+        default=None,
+        help="choose bits and group sizes per tensor to hit this many bits per weight (needs --calib-data)",
+    )
     _add_device(p, "quantize on this device: cpu or cuda[:N] (default: cpu; cuda is faster, same bits)")
 
 
@@ -947,6 +956,10 @@ def cmd_convert(args: argparse.Namespace) -> int:
         force=args.force,
         dry_run=args.dry_run,
         device=args.device,
+        calibrate=args.calibrate,
+        calib_data=args.calib_data,
+        calib_tokens=args.calib_tokens,
+        target_bpw=args.target_bpw,
     )
     return 0
 

@@ -49,6 +49,7 @@ from ossq.formats.mlx import (
     check_creatable,
     config_json,
     expected_tensors,
+    layer_prefix,
     linear_modules,
     quantization_entries,
     remove_stale_staging,
@@ -56,7 +57,7 @@ from ossq.formats.mlx import (
     staging,
     write_order,
 )
-from ossq.quant import affine, mxfp4
+from ossq.quant import affine, allocate, awq, gptq, mxfp4
 from ossq.quant.recipe import Plan, Recipe, plan, render_table, resolve
 from ossq.quant.spec import QuantSpec
 
@@ -66,8 +67,10 @@ if TYPE_CHECKING:
 
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 EXPERTS = ("keep", "quantize")
+CALIBRATIONS = ("gptq", "awq")
+MLP_FOLD = ("mlp.router", "mlp.experts.gate_proj", "mlp.experts.up_proj")  # what reads post_attention_layernorm
 METADATA_BYTES = 64 << 20  # headroom for config, index and tokenizer files in the free-disk check
-Advance = Callable[[], None]
+Advance = Callable[..., None]  # advance() one unit; advance("text") shows what runs now
 
 
 @dataclass(frozen=True)
@@ -112,6 +115,18 @@ class Job:
     entries: tuple[TensorEntry, ...]
     quantization: dict[str, Any] | None
     device: torch.device = torch.device("cpu")  # where tensors are decoded and quantized; bits are the same
+    calibration: Calibration | None = None
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """Calibrated quantization: `method` gptq or awq (None: round to nearest; the tokens then only measure
+    `--target-bpw`'s sensitivities), over the first `tokens` tokens of `data` (a text file, directory or
+    dataset, read as `ossq ppl` reads it)."""
+
+    method: str | None
+    data: str
+    tokens: int
 
 
 def convert(
@@ -131,6 +146,10 @@ def convert(
     progress: bool = True,
     console: Console | None = None,
     device: str | None = None,
+    calibrate: str | None = None,
+    calib_data: str | None = None,
+    calib_tokens: int = 4096,
+    target_bpw: float | None = None,
 ) -> ConvertReport:
     """Convert the checkpoint at `hf_path` (directory or hub id) into an MLX checkpoint at `mlx_path`.
 
@@ -140,12 +159,19 @@ def convert(
     stores quantized (the published MXFP4) as they are, as mlx-lm does; `"quantize"` decodes them and
     quantizes them by the recipe. An existing `mlx_path` is refused unless `force`. `dry_run` prints the
     recipe's table and writes nothing. `device="cuda"` decodes and quantizes on the GPU (same bits: the
-    quantizers never turn a division into a reciprocal multiply), several times faster for the experts."""
+    quantizers never turn a division into a reciprocal multiply), several times faster for the experts.
+    `calibrate` ("gptq" or "awq") runs the full-precision model over the first `calib_tokens` tokens of
+    `calib_data` layer by layer (ossq/calibrate.py) and rounds every affine module with GPTQ, or with AWQ
+    scales folded into the norms (quant/gptq.py, quant/awq.py); the output is the same plain MLX affine."""
     from rich.console import Console
 
     start = time.perf_counter()
     console = console or Console()
     recipe = _recipe(quantize, dequantize, q_bits, q_group_size, q_mode, quant_predicate, experts, dtype)
+    calibration = _calibration(calibrate, calib_data, calib_tokens, quantize=quantize, q_mode=q_mode)
+    if target_bpw is not None:
+        _check_target(target_bpw, q_bits, q_group_size, quant_predicate, quantize=quantize, q_mode=q_mode)
+        calibration = calibration or _calibration("rtn", calib_data, calib_tokens, quantize=True, q_mode=q_mode)
     work_device = resolve_device(device) if device is not None else torch.device("cpu")
     dest = Path(mlx_path).expanduser()
     if Path(hf_path).expanduser().is_dir():  # a hub id is checked once downloaded
@@ -155,6 +181,8 @@ def convert(
     ckpt = Checkpoint(hf_path)
     try:
         _check_destination(dest, ckpt.root)
+        if target_bpw is not None:
+            recipe = _allocated(ckpt, target_bpw, calibration, experts, work_device, console)
         job = plan_job(
             ckpt,
             recipe,
@@ -163,7 +191,7 @@ def convert(
             experts=experts,
             dtype=DTYPES.get(dtype or _config_dtype(ckpt.raw_config) or ""),
         )
-        job = dataclasses.replace(job, device=work_device)
+        job = dataclasses.replace(job, device=work_device, calibration=calibration)
         _warn(console, job, ckpt, recipe, experts)
         if dry_run:
             console.print(render_table(job.plan))
@@ -210,6 +238,58 @@ def _recipe(
             "--experts quantize needs -q (quantize); to decode the experts to bf16 use -d (dequantize)"
         )
     return None
+
+
+def _calibration(
+    method: str | None, data: str | None, tokens: int, *, quantize: bool, q_mode: str
+) -> Calibration | None:
+    """Validate the calibration flags before anything is read; method "rtn" (only `--target-bpw`'s
+    measurements) is the Calibration without a method."""
+    if method is None:
+        return None
+    if method not in (*CALIBRATIONS, "rtn"):
+        raise OssqError(f"--calibrate must be one of {', '.join(CALIBRATIONS)}, not {method!r}")
+    if not quantize:
+        raise UnsupportedQuantization(f"--calibrate {method} needs -q (quantize)")
+    if q_mode != "affine":
+        raise UnsupportedQuantization(f"--calibrate {method} calibrates affine quantization, not --q-mode {q_mode}")
+    flag = "--target-bpw" if method == "rtn" else f"--calibrate {method}"
+    if data is None:
+        raise OssqError(f"{flag} needs --calib-data FILE (text to run the model on)")
+    if tokens < 16:
+        raise OssqError(f"--calib-tokens must be at least 16, got {tokens}")
+    return Calibration(None if method == "rtn" else method, data, tokens)
+
+
+def _check_target(
+    target: float, q_bits: int | None, q_group_size: int | None, predicate: str | None, *, quantize: bool, q_mode: str
+) -> None:
+    if not quantize:
+        raise UnsupportedQuantization("--target-bpw needs -q (quantize)")
+    if q_bits is not None or q_group_size is not None or predicate is not None or q_mode != "affine":
+        raise UnsupportedQuantization(
+            "--target-bpw chooses every tensor's bits and group size; drop --q-bits, --q-group-size, "
+            "--q-mode and --quant-predicate"
+        )
+    if not target > 0:
+        raise OssqError(f"--target-bpw must be positive, got {target}")
+
+
+def _allocated(
+    ckpt: Checkpoint, target: float, calibration: Calibration, experts: str, device: torch.device, console: Console
+) -> Recipe:
+    """The recipe `--target-bpw` chooses from sensitivities measured on the calibration text
+    (quant/allocate.py); one full-precision walk over the layers, before anything is written."""
+    from ossq.calibrate import Forward, Tokens
+
+    allocate.check_target(ckpt.config, target)
+    if experts == "keep" and any(ckpt.specs[m.path] is not None for m in linear_modules(ckpt.config) if m.experts):
+        raise UnsupportedQuantization("--target-bpw chooses the experts' storage too; pass --experts quantize")
+    ids = calibration_tokens(calibration, ckpt.config.vocab_size)
+    console.print(f"measuring sensitivities on {len(ids):,} calibration tokens, layer by layer")
+    forward = Forward(_dense_reader(ckpt, ckpt.specs, device), ckpt.config, Tokens.of(ids, device))
+    options = allocate.sensitivities(forward, ckpt.config)
+    return allocate.recipe(allocate.allocate(options, allocate.module_budget(ckpt.config, target)), target)
 
 
 def _config_dtype(raw: dict[str, Any]) -> str | None:
@@ -396,11 +476,15 @@ def _check_free_space(dest: Path, job: Job) -> None:
 
 def _write(ckpt: Checkpoint, job: Job, directory: Path, advance: Advance) -> None:
     writer = ShardWriter(directory, list(job.entries))
+    calibrated = _Calibrated(ckpt, job, advance) if job.calibration and job.calibration.method else None
     try:
         for item in write_order(ckpt.config):
+            folded = calibrated.plain(item) if calibrated and isinstance(item, str) else None
             if isinstance(item, str):
-                writer.append(item, _cast(ckpt.read(item), job.dtype))
+                writer.append(item, _cast(ckpt.read(item), job.dtype) if folded is None else folded)
                 advance()
+            elif calibrated and calibrated.encodes(item):
+                _write_encoded(ckpt, item, calibrated.encode(item), job, writer, advance)
             else:
                 _write_module(ckpt, item, job, writer, advance)
         writer.close()
@@ -427,6 +511,18 @@ def _write_module(ckpt: Checkpoint, mod: LinearInfo, job: Job, writer: ShardWrit
         advance()
     if mod.bias:
         writer.append(f"{path}.bias", _cast(ckpt.read(f"{path}.bias"), job.dtype))
+
+
+def _write_encoded(
+    ckpt: Checkpoint, mod: LinearInfo, tensors: dict[str, torch.Tensor], job: Job, writer: ShardWriter, advance: Advance
+) -> None:
+    """A module encoded whole (all its experts at once), appended one expert slice at a time."""
+    for e in range(mod.experts) if mod.experts else (None,):
+        for part, t in tensors.items():
+            writer.append(f"{mod.path}.{part}", (t if e is None else t[e]).cpu())
+        advance()
+    if mod.bias:
+        writer.append(f"{mod.path}.bias", _cast(ckpt.read(f"{mod.path}.bias"), job.dtype))
 
 
 def _dense(
@@ -486,7 +582,7 @@ def _progress_bar(console: Console, enabled: bool, job: Job) -> Iterator[Advance
 
     units = sum(1 if isinstance(i, str) else (i.experts or 1) for i in write_order(job.plan.config))
     bar: Progress = Progress(
-        TextColumn("converting"),
+        TextColumn("{task.description}"),
         BarColumn(),
         MofNCompleteColumn(),
         TimeRemainingColumn(),
@@ -494,8 +590,127 @@ def _progress_bar(console: Console, enabled: bool, job: Job) -> Iterator[Advance
         disable=not enabled,
     )
     with bar:
-        task = bar.add_task("convert", total=units)
-        yield lambda: bar.advance(task)
+        task = bar.add_task("converting", total=units)
+
+        def advance(description: str | None = None) -> None:
+            bar.update(task, advance=0 if description else 1, description=description or "converting")
+
+        yield advance
+
+
+# ---- calibrated encoding ---------------------------------------------------------------------------------
+class _Calibrated:
+    """Modules encoded from calibration statistics, layer by layer in write order (ossq/calibrate.py):
+    holds one layer's full-precision weights and input Hessians at a time. GPTQ rounds each affine
+    module against its H; AWQ folds searched scales into the norms (q/k/v behind input_layernorm; router,
+    gate and up behind post_attention_layernorm, unless those experts are copied as stored) and rounds
+    to nearest. The embedding has no input to calibrate on and is rounded to nearest."""
+
+    def __init__(self, ckpt: Checkpoint, job: Job, advance: Advance) -> None:
+        from ossq.calibrate import Forward, Tokens
+
+        assert job.calibration is not None
+        self.ckpt, self.job, self.advance, self.method = ckpt, job, advance, job.calibration.method
+        ids = calibration_tokens(job.calibration, ckpt.config.vocab_size)
+        self._read = _dense_reader(ckpt, job.source, job.device)
+        self.forward = Forward(self._read, ckpt.config, Tokens.of(ids, job.device))
+        self.layers = self.forward.layers()
+        self.layer, self.weights, self.hessians, self.folded = -1, {}, None, set()
+
+    def encodes(self, mod: LinearInfo) -> bool:
+        return mod.kind != "embed_tokens" and mod.path not in self.job.passthrough
+
+    def plain(self, name: str) -> torch.Tensor | None:
+        """A norm weight as AWQ folded it (in its output dtype), or None when it is stored as read."""
+        layer = _layer_of(name)
+        if layer is None or self.method != "awq":
+            return None
+        self._advance(layer)
+        key = name.removeprefix(f"{layer_prefix(layer)}.")
+        return self.weights[key].to(_float_dtype(self.ckpt, name, self.job.dtype)).cpu() if key in self.folded else None
+
+    def encode(self, mod: LinearInfo) -> dict[str, torch.Tensor]:
+        """The module's stored tensors (weight, scales, biases), every expert at once."""
+        if mod.layer is None:  # lm_head, whose input is the final norm's output
+            w, h = self._read(f"{mod.path}.weight", None).float(), self._final_hessian()
+        else:
+            self._advance(mod.layer)
+            w = self.weights[f"{mod.path.removeprefix(layer_prefix(mod.layer) + '.')}.weight"]
+            h = self.hessians.of(mod.kind)
+        spec = self.job.plan.specs[mod.path]
+        w = w.to(_work_dtype(self.ckpt, mod.path, self.job.source[mod.path], self.job.dtype))
+        if self.method == "gptq" and spec is not None and spec.mode == "affine":
+            wq, scales, biases = gptq.quantize(w, h, bits=spec.bits, group_size=spec.group_size)
+            return {"weight": wq, "scales": scales, "biases": biases}
+        return _encode(w, spec)
+
+    def _advance(self, layer: int) -> None:
+        while self.layer < layer:
+            self.advance(f"calibrating layer {self.layer + 1}")
+            self.layer, self.weights, self.hessians = next(self.layers)
+            if self.method == "awq":
+                self._fold()
+            self.advance("converting")
+
+    def _final_hessian(self) -> torch.Tensor:
+        self.weights, self.hessians = {}, None
+        for _ in self.layers:  # the rest of the walk (it moves the stream past the last layer)
+            pass
+        x = self.forward.final()
+        return x.T @ x
+
+    def _fold(self) -> None:
+        """AWQ: each norm's scales searched over the linears that read it, folded into norm and weights."""
+        from ossq.calibrate import ATTN
+
+        groups = (
+            ("input_layernorm.weight", [f"self_attn.{m}" for m in ATTN], self.hessians.attn),
+            ("post_attention_layernorm.weight", MLP_FOLD, self.hessians.mlp),
+        )
+        self.folded = set()
+        for norm, mods, shared in groups:
+            paths = [f"{layer_prefix(self.layer)}.{m}" for m in mods]
+            if any(p in self.job.passthrough for p in paths):
+                continue  # experts copied as stored cannot absorb a scale
+            weights = [self.weights[f"{m}.weight"] for m in mods]
+            hessians = [self.hessians.of(m.rsplit(".", 1)[1]) for m in mods]
+            rms = awq.channel_rms(shared, len(self.forward.tokens.ids))
+            s = awq.search(weights, hessians, [self.job.plan.specs[p] for p in paths], rms=rms)
+            self.weights[norm], scaled = awq.fold(self.weights[norm], weights, s)
+            self.weights.update({f"{m}.weight": w for m, w in zip(mods, scaled, strict=True)})
+            self.folded.add(norm)
+
+
+def _dense_reader(
+    ckpt: Checkpoint, source: dict[str, QuantSpec | None], device: torch.device
+) -> Callable[[str, int | None], torch.Tensor]:
+    """calibrate.Read over the checkpoint: module weights decoded to floats, other tensors as stored."""
+
+    def read(name: str, expert: int | None) -> torch.Tensor:
+        path, part = name.rsplit(".", 1)
+        if part == "weight" and path in source:
+            return _dense(ckpt, path, source[path], expert, None, device)
+        return ckpt.read(name, expert).to(device)
+
+    return read
+
+
+def _layer_of(name: str) -> int | None:
+    parts = name.split(".")
+    return int(parts[2]) if name.startswith("model.layers.") else None
+
+
+def calibration_tokens(calibration: Calibration, vocab_size: int) -> list[int]:
+    """The calibration stream (o200k_harmony ids, EOS between documents, as `ossq ppl` reads text)."""
+    from ossq.perplexity import read_tokens
+
+    ids = read_tokens(calibration.data, max_tokens=calibration.tokens)
+    if max(ids) >= vocab_size:
+        raise OssqError(
+            f"--calib-data: token id {max(ids)} is outside the model's vocabulary of {vocab_size}; calibration "
+            "text needs a checkpoint with the o200k_harmony vocabulary"
+        )
+    return ids
 
 
 # ---- report ----------------------------------------------------------------------------------------------

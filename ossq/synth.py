@@ -158,13 +158,27 @@ def synthesize(
     world-readable (0644, directory 0755), as a downloaded checkpoint's are."""
     config = preset(config) if isinstance(config, str) else config
     draw = _Draw(seed, str(resolve_device(device)))
+    return write_checkpoint(out, config, _tensors(config, draw), max_shard_bytes=max_shard_bytes, overwrite=overwrite)
+
+
+def write_checkpoint(
+    out: str | Path,
+    config: ModelConfig,
+    tensors: Iterator[tuple[str, torch.Tensor]],
+    *,
+    max_shard_bytes: int = MAX_SHARD_BYTES,
+    overwrite: bool = False,
+) -> Path:
+    """Write `tensors` (published names and layouts, in the order `_tensors` yields them) with the
+    published config, generation config, index and tokenizer files to `out`, atomically; → its path.
+    benchmarks/train_small.py saves its trained model through this."""
     out = Path(out).expanduser()
     if out.exists() and not overwrite:
         raise OssqError(f"{out} already exists; choose another path or pass --force to replace it")
     check_creatable(out, "--out")
     remove_stale_staging(out)
     with staging(out, replace=overwrite) as tmp:
-        _write_shards(_tensors(config, draw), tmp, max_shard_bytes)
+        _write_shards(tensors, tmp, max_shard_bytes)
         (tmp / "config.json").write_text(json.dumps(hf_config_dict(config), indent=2))
         (tmp / "generation_config.json").write_text(json.dumps(generation_config_dict(config), indent=2))
         write_tokenizer_files(tmp)

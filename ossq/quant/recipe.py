@@ -380,7 +380,7 @@ class Plan:
         rows: dict[tuple[str, QuantSpec | None], TableRow] = {}
         for mod in linear_modules(self.config):
             spec = self.specs[mod.path]
-            _add(rows, TableRow(mod.kind, 1, spec, _module_parameters(mod), _module_bytes(mod, spec)))
+            _add(rows, TableRow(mod.kind, 1, spec, _module_parameters(mod), module_bytes(mod, spec)))
         for name, shape in plain_tensors(self.config).items():
             n = math.prod(shape)
             is_sink = name.endswith(".sinks")  # sinks belong to no leaf module: mlx-lm does not count them
@@ -423,7 +423,8 @@ def _module_parameters(mod: LinearInfo) -> int:
     return mod.numel + (math.prod(mod.lead) if mod.bias else 0)
 
 
-def _module_bytes(mod: LinearInfo, spec: QuantSpec | None) -> int:
+def module_bytes(mod: LinearInfo, spec: QuantSpec | None) -> int:
+    """Bytes `mod` stores under `spec` (None: bf16): packed weight, scales, biases and its bias."""
     total = 0
     for name, shape in module_tensors(mod, spec).items():
         suffix = name.rsplit(".", 1)[1]

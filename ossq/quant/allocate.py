@@ -1,0 +1,187 @@
+"""`--target-bpw`: bits and group size per tensor, chosen to hit a size at the least predicted loss.
+
+Sensitivity. For every quantizable module u and every candidate storage c (affine bits 2–8 × groups
+32/64/128 that divide its rows, or bf16), the predicted loss is the relative squared error that u alone,
+rounded to nearest at c, causes where its effect first reaches the residual stream: at its block's output
+for a layer's linears (the block re-run on the calibration sample with only u replaced), at the embedding
+rows for embed_tokens, at the logits for lm_head (tr(ΔW H ΔWᵀ) / tr(W H Wᵀ) with H the final norm's
+second moments). A relative error of the stream is the common currency that lets a router, an expert
+stack and lm_head be traded against each other; it is a first-order proxy for the KL the choice costs.
+
+Allocation. Each module's candidates are reduced to their lower convex hull in (bytes, loss); every module
+starts at its cheapest point, and the upgrade with the largest loss saved per byte that still fits the
+budget is taken until none fits (the classic greedy for a separable knapsack on convex curves). The
+budget is mlx-lm's bits-per-weight definition (recipe.Plan.bits_per_weight) solved for bytes, so the
+chosen plan's bpw is at most the target and, on a model whose modules are small against the whole,
+within a few hundredths of it.
+"""
+
+from __future__ import annotations
+
+import heapq
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from ossq.calibrate import Forward, Tokens, block
+from ossq.config import ModelConfig
+from ossq.errors import UnsupportedQuantization
+from ossq.formats.mlx import LinearInfo, layer_prefix, linear_modules
+from ossq.quant.awq import fake_quantize
+from ossq.quant.recipe import Plan, Recipe, Rule, module_bytes
+from ossq.quant.spec import QuantSpec
+
+CANDIDATES: tuple[QuantSpec | None, ...] = (
+    *(QuantSpec(bits, group) for bits in (2, 3, 4, 5, 6, 8) for group in (32, 64, 128)),
+    None,
+)
+SAMPLE_TOKENS = 2048  # calibration tokens the block re-runs use (the Hessians use all of them)
+
+
+@dataclass(frozen=True)
+class Option:
+    spec: QuantSpec | None
+    bytes: int
+    loss: float
+
+
+def candidates(mod: LinearInfo) -> list[QuantSpec | None]:
+    return [c for c in CANDIDATES if c is None or mod.in_features % c.group_size == 0]
+
+
+def bounds(config: ModelConfig) -> tuple[float, float]:
+    """The least and the most bits per weight a plan over CANDIDATES can have."""
+    mods = linear_modules(config)
+    cheap = {m.path: min(candidates(m), key=lambda c: module_bytes(m, c)) for m in mods}
+    dear = {m.path: max(candidates(m), key=lambda c: module_bytes(m, c)) for m in mods}
+    return tuple(Plan(Recipe("bound", QuantSpec(), ()), config, s).bits_per_weight for s in (cheap, dear))
+
+
+def check_target(config: ModelConfig, target: float) -> None:
+    low, high = bounds(config)
+    if not low <= target <= high:
+        raise UnsupportedQuantization(
+            f"--target-bpw {target} is outside what this model can be stored in: {low:.3f} (every tensor "
+            f"2-bit g128) to {high:.3f} (bf16)"
+        )
+
+
+# ---- sensitivities ---------------------------------------------------------------------------------------
+def sensitivities(forward: Forward, config: ModelConfig) -> dict[str, list[Option]]:
+    """Every module's options, measured on the first SAMPLE_TOKENS tokens of `forward` (which this walks)."""
+    tokens = forward.tokens
+    n = min(len(tokens.ids), SAMPLE_TOKENS)
+    sample = Tokens.of(tokens.ids[:n].tolist(), tokens.ids.device, seq_tokens=_seq_tokens(tokens))
+    mods = {m.path: m for m in linear_modules(config)}
+    embed = forward.read("model.embed_tokens.weight", None).float()
+    out = {"model.embed_tokens": _options(mods["model.embed_tokens"], lambda c: _embed_loss(embed, tokens.ids, c))}
+    for layer, w, _ in forward.layers():
+        here = [m for m in mods.values() if m.layer == layer]
+        out.update(_layer_options(here, _Probe(w, forward.x[:n], sample, config, layer)))
+    final = forward.final()
+    lm_head = forward.read("lm_head.weight", None).float()
+    out["lm_head"] = _options(mods["lm_head"], lambda c: _logit_loss(lm_head, final.T @ final, c))
+    return {path: out[path] for path in mods}  # model order
+
+
+def _seq_tokens(tokens: Tokens) -> int:
+    a, b = tokens.seqs[0]
+    return b - a
+
+
+def _options(mod: LinearInfo, loss: Callable[[QuantSpec], float]) -> list[Option]:
+    return [Option(c, module_bytes(mod, c), 0.0 if c is None else loss(c)) for c in candidates(mod)]
+
+
+class _Probe:
+    """One layer's block re-run on the sample with one of its weights rounded: the relative error of its
+    output against the full-precision output."""
+
+    def __init__(self, w: dict[str, Tensor], x: Tensor, tokens: Tokens, config: ModelConfig, layer: int) -> None:
+        self.w, self.x, self.tokens, self.config, self.layer = w, x, tokens, config, layer
+        self.ref = block(w, x, tokens, config, layer)
+
+    def loss(self, key: str, spec: QuantSpec) -> float:
+        changed = {**self.w, key: fake_quantize(self.w[key], spec)}
+        out = block(changed, self.x, self.tokens, self.config, self.layer)
+        return float((out - self.ref).pow(2).sum() / self.ref.pow(2).sum())
+
+
+def _layer_options(mods: list[LinearInfo], probe: _Probe) -> dict[str, list[Option]]:
+    out = {}
+    for mod in mods:
+        key = f"{mod.path.removeprefix(layer_prefix(probe.layer) + '.')}.weight"
+        out[mod.path] = _options(mod, lambda c, key=key: probe.loss(key, c))
+    return out
+
+
+def _embed_loss(embed: Tensor, ids: Tensor, spec: QuantSpec) -> float:
+    rows, counts = torch.unique(ids, return_counts=True)
+    e = embed[rows]
+    err = (fake_quantize(e, spec) - e).pow(2).sum(-1)
+    return float((err * counts).sum() / (e.pow(2).sum(-1) * counts).sum())
+
+
+def _logit_loss(w: Tensor, h: Tensor, spec: QuantSpec) -> float:
+    delta = fake_quantize(w, spec) - w
+    return float(((delta @ h) * delta).sum() / ((w @ h) * w).sum())
+
+
+# ---- allocation ------------------------------------------------------------------------------------------
+def hull(options: Sequence[Option]) -> list[Option]:
+    """The lower convex hull of (bytes, loss), cheapest first: the options a greedy upgrade can stop at."""
+    pts: list[Option] = []
+    for o in sorted(options, key=lambda o: (o.bytes, o.loss)):
+        if pts and o.loss >= pts[-1].loss:
+            continue  # dearer and no better
+        while len(pts) >= 2 and _slope(pts[-2], pts[-1]) >= _slope(pts[-1], o):
+            pts.pop()  # pts[-1] lies on or above the chord: never the best stop
+        pts.append(o)
+    return pts
+
+
+def _slope(a: Option, b: Option) -> float:
+    return (b.loss - a.loss) / max(b.bytes - a.bytes, 1)  # negative: loss saved per byte, signed
+
+
+def allocate(options: dict[str, list[Option]], budget: int) -> dict[str, QuantSpec | None]:
+    """The option per module that keeps Σ bytes ≤ `budget` at the least Σ loss (greedy on the hulls)."""
+    hulls = {path: hull(opts) for path, opts in options.items()}
+    at = dict.fromkeys(hulls, 0)
+    spent = sum(h[0].bytes for h in hulls.values())
+    heap = [_upgrade(path, h, 0) for path, h in hulls.items() if len(h) > 1]
+    heapq.heapify(heap)
+    while heap:
+        _, path, i = heapq.heappop(heap)
+        h = hulls[path]
+        cost = h[i + 1].bytes - h[i].bytes
+        if spent + cost > budget:
+            continue  # this module stays; cheaper upgrades of others may still fit
+        spent, at[path] = spent + cost, i + 1
+        if i + 2 < len(h):
+            heapq.heappush(heap, _upgrade(path, h, i + 1))
+    return {path: hulls[path][i].spec for path, i in at.items()}
+
+
+def _upgrade(path: str, h: list[Option], i: int) -> tuple[float, str, int]:
+    return (_slope(h[i], h[i + 1]), path, i)  # most negative slope (most loss saved per byte) pops first
+
+
+def module_budget(config: ModelConfig, target: float) -> int:
+    """Bytes the modules may take so that mlx-lm's bits per weight is `target`: the norms, sinks and rope
+    frequencies' share is fixed."""
+    bf16 = {m.path: None for m in linear_modules(config)}
+    p = Plan(Recipe("budget", QuantSpec(), ()), config, bf16)
+    fixed = p.total_bytes - sum(module_bytes(m, None) for m in linear_modules(config))
+    rope = round(p.bits_per_weight * p.total_parameters / 8) - p.total_bytes
+    return int(target * p.total_parameters / 8) - rope - fixed
+
+
+def recipe(specs: dict[str, QuantSpec | None], target: float) -> Recipe:
+    """The allocation as a recipe: one rule per module path; the top level is the commonest spec."""
+    quantized = [s for s in specs.values() if s is not None]
+    top = max(set(quantized), key=quantized.count, default=QuantSpec())
+    rules = tuple(Rule((path,), spec) for path, spec in specs.items())
+    return Recipe(f"allocated to {target} bits per weight", top, rules, explicit_entries=True)
