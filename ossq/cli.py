@@ -419,6 +419,13 @@ def _add_serve(sub) -> None:
         help="cap the keys a full-attention layer keeps (a rotating cache, as mlx-lm's option; default: no cap)",
     )
     p.add_argument("--log-level", choices=("debug", "info", "warning", "error"), default="info", help="log detail")
+    p.add_argument(
+        "--tp",
+        type=_int_in(1),
+        default=1,
+        help="split the model over this many ranks (tensor parallel: one GPU each on CUDA, processes on CPU); "
+        "rank 0 serves HTTP and every rank runs its engine's steps (docs/serve.md)",
+    )
     _add_device(p)
     _add_engine(p)
     _add_speculative(p)
@@ -1028,22 +1035,38 @@ def cmd_ppl(args: argparse.Namespace) -> int:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     try:
-        from ossq.serve.app import ServeConfig, listen, serve
+        import ossq.serve.app  # noqa: F401 (a missing extra fails here, before any rank starts)
     except ImportError as e:
         raise OssqError(
             f"ossq serve needs FastAPI and uvicorn ({e.name or e} is not installed): pip install 'ossq[serve]'"
         ) from None
-    from ossq.chat import load_for_chat
+    from ossq.engine.launch import launch
+    from ossq.engine.parallel import check_checkpoint
 
     _check_model("-m", args.model)
+    check_checkpoint(args.model, args.tp, args.ops)  # a model that cannot be split fails before any rank starts
+    return launch(_serve, args, tp=args.tp, device=args.device, graceful=True)
+
+
+def _serve(parallel, args: argparse.Namespace) -> int:
+    """`ossq serve` on one rank: rank 0 listens and serves; under --tp the others replay its engine's
+    calls (serve/mirror.py) until it stops them. A signal reaches rank 0 only (launch's `graceful`)."""
+    from ossq.serve.app import ServeConfig, listen, serve
+    from ossq.serve.mirror import follow
+
     engine_config = _engine_config(args)
+    if parallel.rank == 0:
+        if args.api_key is None and args.host not in ("127.0.0.1", "localhost", "::1"):
+            print(f"ossq serve: warning: listening on {args.host} without --api-key", file=sys.stderr)
+        sock = listen(args.host, args.port)  # a busy port fails now, not after the load
+    model, tokenizer = _load(args, parallel)
+    engine = _engine(args, model, parallel.engine_config(engine_config, model))
+    if parallel.rank:
+        follow(engine, tokenizer, parallel)
+        return 0
     name = args.served_model_name or (Path(args.model).name if Path(args.model).expanduser().is_dir() else args.model)
-    if args.api_key is None and args.host not in ("127.0.0.1", "localhost", "::1"):
-        print(f"ossq serve: warning: listening on {args.host} without --api-key", file=sys.stderr)
-    sock = listen(args.host, args.port)  # a busy port fails now, not after the load
-    model, tokenizer = load_for_chat(args.model, device=args.device, ops=args.ops)
     config = ServeConfig(name, api_key=args.api_key, max_queue=args.max_queue)
-    serve(_engine(args, model, engine_config), tokenizer, config, sock, log_level=args.log_level)
+    serve(engine, tokenizer, config, sock, log_level=args.log_level, parallel=parallel)
     return 0
 
 

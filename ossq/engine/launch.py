@@ -6,6 +6,8 @@ engine/parallel.py); rank 0 alone prints, the others write to /dev/null, and the
 through files. A rank that raises or dies ends the run at once: the parent sees it, stops the others and
 raises a ParallelError naming the rank (or re-raises the rank's own OssqError). A rank stuck in a
 collective (its peer hung, or never arrived) fails after `timeout_s`, the process group's timeout.
+A Ctrl-C or SIGTERM stops every rank at once, unless the run is `graceful` (a server): then rank 0 is
+asked to stop and to stop the others itself (`_stopping_rank_0`).
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import pickle
 import signal
 import sys
 import tempfile
+import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -41,10 +44,12 @@ def launch(
     tp: int = 1,
     device: str | None = None,
     timeout_s: float = DEFAULT_TIMEOUT_S,
+    graceful: bool = False,
 ) -> Any:
     """Run `fn(parallel, *args)` on `tp` ranks → rank 0's return value (None on the other ranks under
     torchrun). With tp 1 and no torchrun, `fn(SINGLE, *args)` here, with no process group at all. `fn` and
-    `args` must be picklable (a module-level function) to reach spawned ranks."""
+    `args` must be picklable (a module-level function) to reach spawned ranks. `graceful`: a SIGINT or
+    SIGTERM here reaches rank 0 only, as a SIGTERM, for `fn` to end the run in order (module docstring)."""
     if tp < 1:
         raise InvalidArgument("tp", f"tp must be at least 1, got {tp}")
     if all(v in os.environ for v in TORCHRUN_VARS):
@@ -61,8 +66,9 @@ def launch(
             join=False,
             start_method="spawn",
         )
+        stopping = _stopping_rank_0(ctx) if graceful else contextlib.nullcontext()
         try:
-            with _quiet_spawn_log():
+            with _quiet_spawn_log(), stopping:
                 while not ctx.join():
                     pass
         except ProcessException as e:
@@ -144,6 +150,41 @@ def _stop(ctx: ProcessContext, grace_s: float = 5.0) -> None:
         p.join(grace_s)
         if p.is_alive():
             p.kill()
+
+
+@contextlib.contextmanager
+def _stopping_rank_0(ctx: ProcessContext):
+    """While the ranks run, the first SIGINT or SIGTERM sends rank 0 a SIGTERM (a server drains its
+    requests, then stops its followers) and the wait goes on; a second one raises KeyboardInterrupt, which
+    stops every rank. If the ranks then fail, the first signal is raised again once the handlers before
+    ours are back, so the run ends as interrupted, not as a rank's error."""
+    caught: list[int] = []
+
+    def handler(signum: int, _frame) -> None:
+        if caught:
+            raise KeyboardInterrupt
+        caught.append(signum)
+        ctx.processes[0].terminate()
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    except ProcessException:
+        if not caught:
+            raise
+        _restore(previous)
+        signal.raise_signal(caught[0])
+        raise
+    finally:
+        _restore(previous)
+
+
+def _restore(handlers: dict[int, Any]) -> None:
+    for sig, old in handlers.items():
+        signal.signal(sig, old)
 
 
 @contextlib.contextmanager

@@ -6,7 +6,8 @@ when asked. Every generation is one engine request, batched continuously with th
 engine thread (serve/worker.py). At most `max_num_seqs + max_queue` requests are in flight; past that
 a request is answered 429 at once. A client that disconnects cancels its request, and its KV blocks
 are free before the next engine step. Errors are OpenAI's shape (serve/protocol.py); a bad request is
-a 4xx, never a 500, and never touches another request.
+a 4xx, never a 500, and never touches another request. Under `--tp N` this process is rank 0, and the
+engine thread's calls reach the other ranks' engines too (serve/mirror.py).
 """
 
 from __future__ import annotations
@@ -33,8 +34,10 @@ from starlette.exceptions import HTTPException
 from ossq.engine.constrain import FinalJson
 from ossq.engine.engine import Engine
 from ossq.engine.generate import stop_tokens
+from ossq.engine.parallel import SINGLE, Parallel, ParallelError
 from ossq.errors import OssqError
 from ossq.serve.completion import Completion, Delta
+from ossq.serve.mirror import Mirror
 from ossq.serve.prompts import Prompt, chat_prompt, responses_prompt
 from ossq.serve.protocol import (
     ApiError,
@@ -179,7 +182,7 @@ class _Generation:
 
 
 def _failure(error: Exception) -> ApiError:
-    if isinstance(error, OssqError):
+    if isinstance(error, OssqError) and not isinstance(error, ParallelError):  # that one is the server's fault
         return ApiError.from_ossq(error)
     return ApiError(500, f"the engine failed: {type(error).__name__}: {error}", type="server_error")
 
@@ -286,12 +289,13 @@ def _completion_logprobs(lps: list[Logprob]) -> dict:
 
 
 # ---- the app ----------------------------------------------------------------------------------------------
-def create_app(engine: Engine, tokenizer: Tokenizer, config: ServeConfig) -> FastAPI:
+def create_app(engine: Engine, tokenizer: Tokenizer, config: ServeConfig, mirror: Mirror | None = None) -> FastAPI:
+    """The app over `engine`, which its engine thread changes through `mirror` (default: alone)."""
     state = _State(engine, tokenizer, config)
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI):
-        state.worker = EngineWorker(engine, asyncio.get_running_loop())
+        state.worker = EngineWorker(engine, asyncio.get_running_loop(), mirror)
         state.worker.start()
         try:
             yield
@@ -667,7 +671,16 @@ def _metrics(state: _State) -> str:
 class _Server(uvicorn.Server):
     """uvicorn's server, announcing its address once the app is up, and taking SIGINT/SIGTERM as a
     graceful stop without re-raising the signal afterwards (uvicorn would, and the CLI would then report
-    an interruption after a clean shutdown)."""
+    an interruption after a clean shutdown). It also stops once the engine thread gave up (`error`: under
+    --tp the ranks fell out of step, and nothing more can be served)."""
+
+    def __init__(self, config: uvicorn.Config, state: _State) -> None:
+        super().__init__(config)
+        self.state = state
+
+    async def on_tick(self, counter: int) -> bool:
+        worker = self.state.worker
+        return await super().on_tick(counter) or (worker is not None and worker.error is not None)
 
     async def startup(self, sockets=None) -> None:
         await super().startup(sockets=sockets)
@@ -695,11 +708,14 @@ def serve(
     sock: socket.socket,
     *,
     log_level: str = "info",
+    parallel: Parallel = SINGLE,
 ) -> None:
     """Serve on `sock` (from `listen`) until SIGINT or SIGTERM; then stop taking connections, let
     in-flight requests finish for up to `config.shutdown_timeout` seconds, cancel what is left and
-    return. The "listening on" line printed once the app is up names the address."""
-    app = create_app(engine, tokenizer, config)
+    return. The "listening on" line printed once the app is up names the address. Under --tp
+    (`parallel`, rank 0) the other ranks run `mirror.follow` meanwhile, and are stopped on the way out;
+    an engine thread that lost them ends the server with its ParallelError."""
+    app = create_app(engine, tokenizer, config, Mirror(engine, parallel))
     log_config = copy.deepcopy(uvicorn.config.LOGGING_CONFIG)
     log_config["loggers"]["ossq"] = {"handlers": ["default"], "level": log_level.upper(), "propagate": False}
     server = _Server(
@@ -710,12 +726,18 @@ def serve(
             access_log=log_level == "debug",
             timeout_graceful_shutdown=max(1, round(config.shutdown_timeout)),
             lifespan="on",
-        )
+        ),
+        app.state.ossq,
     )
     try:
         server.run(sockets=[sock])
     finally:
         sock.close()
+        worker = app.state.ossq.worker
+        if worker is not None:  # a forced exit skips the lifespan's shutdown: the followers still hear stop
+            worker.stop(timeout=config.shutdown_timeout)
+    if worker is not None and worker.error is not None:
+        raise worker.error
 
 
 def listen(host: str, port: int) -> socket.socket:

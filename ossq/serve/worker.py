@@ -7,6 +7,11 @@ runs. Each step's results go back to the loop in one `call_soon_threadsafe`, ont
 `asyncio.Queue`: first `Accepted` (or `Failed`, when the engine refuses the request), then one `Token`
 per sampled token, then `Finished`. A step that raises fails the requests in flight and the thread goes
 on serving new ones.
+
+Every call that changes the engine goes through a `Mirror` (serve/mirror.py): alone it is the engine's
+own call; under `--tp` it also reaches the other ranks, so their engines step alike. There a failed step
+is fatal instead: the ranks may no longer agree, so the thread fails what runs, records the error
+(`error`) and ends, and the server stops (serve/app.py).
 """
 
 from __future__ import annotations
@@ -21,9 +26,11 @@ import torch
 
 from ossq.engine.constrain import Constraint
 from ossq.engine.engine import Engine, StepOutput
+from ossq.engine.parallel import ParallelError
 from ossq.engine.sampling import SamplingParams
 from ossq.engine.speculative import SpecStats
 from ossq.errors import OssqError
+from ossq.serve.mirror import Mirror
 
 log = logging.getLogger("ossq.serve")
 
@@ -102,8 +109,13 @@ class WorkerStats:
 
 
 class EngineWorker:
-    def __init__(self, engine: Engine, loop: asyncio.AbstractEventLoop) -> None:
+    """The engine thread. It reads `engine` directly and changes it only through `mirror` (by default
+    the engine alone)."""
+
+    def __init__(self, engine: Engine, loop: asyncio.AbstractEventLoop, mirror: Mirror | None = None) -> None:
         self.engine, self.loop = engine, loop
+        self.mirror = mirror or Mirror(engine)
+        self.error: ParallelError | None = None  # why the thread stopped serving by itself (--tp only)
         spec = engine.speculator.stats if engine.speculator is not None else None
         self.stats = WorkerStats(blocks_total=engine.num_blocks, speculation=spec)
         self._inbox: queue.SimpleQueue[tuple[str, Job | None]] = queue.SimpleQueue()
@@ -123,7 +135,7 @@ class EngineWorker:
         self._inbox.put(("cancel", job))
 
     def stop(self, timeout: float | None = None) -> None:
-        """Abort what still runs (its handlers get `Finished("abort")`) and end the thread."""
+        """Abort what still runs (its handlers get `Finished("abort")`) and end the thread; again: no-op."""
         self._inbox.put(("stop", None))
         self._thread.join(timeout)
 
@@ -133,12 +145,25 @@ class EngineWorker:
 
     # ---- the engine thread
     def _run(self) -> None:
-        while self._take(block=not self.engine.has_unfinished):
-            if self.engine.has_unfinished:
-                self._step()
+        try:
+            while self._take(block=not self.engine.has_unfinished):
+                if self.engine.has_unfinished:
+                    self._step()
+                self._publish()
+            for job in list(self._jobs.values()):
+                self._finish(job, "abort")
             self._publish()
-        for job in list(self._jobs.values()):
-            self._finish(job, "abort")
+            self.mirror.close()
+        except ParallelError as e:
+            self._fail_all(e)
+
+    def _fail_all(self, error: ParallelError) -> None:
+        """The ranks are out of step: fail every request without touching the engine again."""
+        log.error("stopping the server: %s", error)
+        self.error = error
+        self.stats.finished["error"] = self.stats.finished.get("error", 0) + len(self._jobs)
+        self._outbox.extend((job, Failed(error)) for job in self._jobs.values())
+        self._jobs.clear()
         self._publish()
 
     def _take(self, *, block: bool) -> bool:
@@ -156,7 +181,7 @@ class EngineWorker:
     def _add(self, job: Job) -> None:
         logits_from = len(job.prompt) - 1 if job.top_logprobs is not None and job.prompt else None
         try:
-            rid = self.engine.add_request(
+            rid = self.mirror.add_request(
                 job.prompt,
                 job.params,
                 max_tokens=job.max_tokens,
@@ -177,7 +202,9 @@ class EngineWorker:
 
     def _step(self) -> None:
         try:
-            outputs = self.engine.step()
+            outputs = self.mirror.step()
+        except ParallelError:
+            raise  # under --tp: fatal (`_run`)
         except Exception as e:  # a bug or an out-of-memory: fail what was running, keep serving
             log.exception("an engine step failed; failing the %d requests in flight", len(self._jobs))
             for job in list(self._jobs.values()):
@@ -200,8 +227,8 @@ class EngineWorker:
         """Take the job's request out of the engine (freeing its blocks) and count it."""
         req = self.engine.requests.get(job.request_id)
         prompt, cached = (req.prompt_len, req.cached_tokens) if req is not None else (len(job.prompt), 0)
-        self.engine.abort(job.request_id)
-        self.engine.release(job.request_id)
+        self.mirror.abort(job.request_id)
+        self.mirror.release(job.request_id)
         del self._jobs[job.request_id]
         self.stats.prompt_tokens += prompt
         self.stats.cached_tokens += cached
