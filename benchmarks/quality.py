@@ -31,6 +31,9 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "target-3.6-gptq": {"target_bpw": 3.6, "experts": "quantize", "calibrate": "gptq"},
     "target-4.25": {"target_bpw": 4.25, "experts": "quantize"},
     "target-4.25-gptq": {"target_bpw": 4.25, "experts": "quantize", "calibrate": "gptq"},
+    # the tiered recipe's own size on this model (its embedding and lm_head make it far more than 3.6)
+    "target-tiered": {"target_bpw": "tiered", "experts": "quantize"},
+    "target-tiered-gptq": {"target_bpw": "tiered", "experts": "quantize", "calibrate": "gptq"},
 }
 
 
@@ -42,6 +45,11 @@ def convert_all(work: Path, names: list[str], args: argparse.Namespace) -> dict[
     out: dict[str, dict[str, Any]] = {}
     for name in names:
         kwargs = dict(VARIANTS[name])
+        if kwargs.get("target_bpw") == "tiered":
+            if "bits_per_weight" not in out.get("tiered", {}):
+                out[name] = {"error": "needs the tiered variant converted first (list it before this one)"}
+                continue
+            kwargs["target_bpw"] = out["tiered"]["bits_per_weight"]
         if "calibrate" in kwargs or "target_bpw" in kwargs:
             kwargs.update(calib_data=str(work / "calib.txt"), calib_tokens=args.calib_tokens)
         dest = work / "variants" / name
@@ -58,28 +66,82 @@ def convert_all(work: Path, names: list[str], args: argparse.Namespace) -> dict[
 
 
 def score(work: Path, variants: dict[str, dict[str, Any]], args: argparse.Namespace) -> dict[str, Any]:
-    """One `ossq ppl` run over every converted variant, KL against the unquantized checkpoint."""
+    """`ossq ppl` of the unquantized checkpoint, then of each converted variant with KL against it, one
+    variant per call so that each row is printed (and the table rewritten) as soon as it is measured."""
     from ossq.perplexity import perplexity
 
     reference = str(work / "model")
-    models = [reference, *(v["path"] for v in variants.values() if "path" in v)]
-    report = perplexity(
-        models,
-        data=str(work / "heldout.txt"),
-        window=args.window,
-        max_tokens=args.eval_tokens,
-        kl_reference=reference,
-        reference=reference,
-        device=args.device,
-        ops=args.ops,
-        progress=False,
-        json_path=args.out / "ppl.json",
-    )
-    return {r.model: r.row() for r in report.results}
+    settings = dict(data=str(work / "heldout.txt"), window=args.window, max_tokens=args.eval_tokens)
+    settings.update(device=args.device, ops=args.ops, progress=False)
+    rows: dict[str, Any] = {}
+    reports: list[dict[str, Any]] = []
+    for name, path in [("unquantized", reference), *((n, v["path"]) for n, v in variants.items() if "path" in v)]:
+        start = time.perf_counter()
+        kl = {} if path == reference else {"kl_reference": reference}
+        report = perplexity([path], **settings, **kl)
+        rows.update({r.model: r.row() for r in report.results})
+        reports.append(report.report.to_dict())
+        print(f"scored {name} in {time.perf_counter() - start:.1f} s: {rows[path]}", flush=True)
+        (args.out / "ppl.json").write_text(json.dumps(reports, indent=2, default=str))
+        write_table(variants, rows, work, args)
+    return rows
+
+
+def write_table(variants: dict[str, dict[str, Any]], rows: dict[str, Any], work: Path, args: argparse.Namespace) -> str:
+    """quality.md and quality.json from the rows measured so far; → the markdown."""
+    settings = {k: v for k, v in vars(args).items() if k in ("window", "eval_tokens", "calib_tokens", "device", "ops")}
+    settings["seconds"] = round(time.perf_counter() - args.start, 1)
+    lines = table(variants, rows, work)
+    (args.out / "quality.json").write_text(json.dumps({"settings": settings, "rows": lines}, indent=2, default=str))
+    text = markdown(lines, settings)
+    (args.out / "quality.md").write_text(text)
+    return text
+
+
+def acceptance(work: Path, variants: dict[str, dict[str, Any]], args: argparse.Namespace) -> list[dict[str, Any]]:
+    """Speculative decoding on the trained model (issue 11): the unquantized checkpoint as the target,
+    each of `args.drafts` (a variant, or ngram) as its draft, K = args.draft_k fixed, greedy continuations
+    of held-out prompts → acceptance rate and accepted tokens per verification, on the device's default
+    ops (the fast path on CUDA). Written to OUT/acceptance.md; a draft that fails is a row with its error."""
+    from ossq.engine.engine import EngineConfig
+    from ossq.engine.load import load_model
+    from ossq.engine.speculative import NGRAM, SpeculativeConfig, speculative_engine
+    from ossq.tokenizer import o200k_harmony
+
+    ids = o200k_harmony().encode((work / "heldout.txt").read_text(encoding="utf-8"))
+    prompts = [ids[i * 997 : i * 997 + args.prompt_tokens] for i in range(args.prompts)]
+    target = load_model(work / "model", device=args.device)[0]
+    rows = []
+    for name in args.drafts:
+        try:
+            draft = NGRAM if name == NGRAM else load_model(variants[name]["path"], device=args.device)[0]
+            config = EngineConfig(kv_cache_tokens=4096, max_num_seqs=1)
+            engine = speculative_engine(target, config, SpeculativeConfig(draft, args.draft_k, adaptive=False))
+            for prompt in prompts:
+                for _ in engine.stream(engine.add_request(prompt, max_tokens=args.gen_tokens)):
+                    pass
+            s = engine.speculator.stats
+            rows.append({"draft": name, "acceptance": s.acceptance_rate, "accepted_per_step": s.mean_accepted_length})
+        except Exception as e:  # noqa: BLE001 — a row, not the end of the run
+            rows.append({"draft": name, "error": f"{type(e).__name__}: {e}"})
+        print(f"acceptance {rows[-1]}", flush=True)
+    head = f"{args.prompts} held-out prompts of {args.prompt_tokens} tokens, {args.gen_tokens} greedy"
+    head += f", K = {args.draft_k}"
+    text = [f"Speculative decoding on the small trained gpt-oss (target: unquantized); {head}", ""]
+    text += ["| draft | acceptance | accepted / verification |", "|---|---|---|"]
+    for r in rows:
+        cells = (
+            ("error: " + r["error"][:80], "")
+            if "error" in r
+            else (f"{r['acceptance']:.1%}", f"{r['accepted_per_step']:.2f}")
+        )
+        text.append(f"| {r['draft']} | {cells[0]} | {cells[1]} |")
+    (args.out / "acceptance.md").write_text("\n".join(text) + "\n")
+    return rows
 
 
 def table(variants: dict[str, dict[str, Any]], rows: dict[str, Any], work: Path) -> list[dict[str, Any]]:
-    ref = rows[str(work / "model")]
+    ref = rows.get(str(work / "model"), {})
     out = [{"variant": "unquantized (MXFP4 experts, bf16 rest)", **ref}]
     for name, v in variants.items():
         row = rows.get(v.get("path", ""), {})
@@ -123,18 +185,20 @@ def main() -> None:
     p.add_argument("--calib-tokens", type=int, default=8192)
     p.add_argument("--only", nargs="*", default=None, help="variants to run (default: all)")
     p.add_argument("--keep", action="store_true", help="keep the converted variants on disk")
+    p.add_argument("--drafts", nargs="*", default=[], help="drafts to measure speculative acceptance with")
+    p.add_argument("--draft-k", type=int, default=4)
+    p.add_argument("--prompts", type=int, default=8)
+    p.add_argument("--prompt-tokens", type=int, default=64)
+    p.add_argument("--gen-tokens", type=int, default=64)
     args = p.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     names = args.only or list(VARIANTS)
-    start = time.perf_counter()
+    args.start = time.perf_counter()
     variants = convert_all(args.work, names, args)
     rows = score(args.work, variants, args)
-    settings = {k: v for k, v in vars(args).items() if k in ("window", "eval_tokens", "calib_tokens", "device", "ops")}
-    settings["seconds"] = round(time.perf_counter() - start, 1)
-    lines = table(variants, rows, args.work)
-    (args.out / "quality.json").write_text(json.dumps({"settings": settings, "rows": lines}, indent=2, default=str))
-    (args.out / "quality.md").write_text(markdown(lines, settings))
-    print(markdown(lines, settings))
+    print(write_table(variants, rows, args.work, args))
+    if args.drafts:
+        acceptance(args.work, variants, args)
     if not args.keep:
         shutil.rmtree(args.work / "variants", ignore_errors=True)
 

@@ -4,8 +4,9 @@
 #   OUT=dir bash benchmarks/quality.sh --tiny     # CPU smoke test of the whole pipeline (2 layers, 20 steps)
 # Data: .data/*.txt in the repo root, or $DATA (copies of the shared public-domain texts). Extra arguments after
 # --tiny go to train_small.py (e.g. --train-seconds 120 --layers 6); QUALITY_ARGS to quality.py
-# (e.g. "--only q4g64 gptq-q4g64"). Writes to $OUT: quality.md, quality.json, ppl.json, train.json,
-# train.log, quality.log (6 files). The model and the variants stay in $WORK (default: a temp dir).
+# (e.g. "--only q4g64 gptq-q4g64"; "--keep --drafts ngram q3g64" adds speculative acceptance). Writes to
+# $OUT: quality.md, quality.json, ppl.json, train.json, train.log, quality.log (and acceptance.md). The
+# model and the variants stay in $WORK (default: a temp dir).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 : "${OUT:?set OUT to the results directory}"

@@ -305,6 +305,12 @@ def _add_convert(sub) -> None:
         default=None,
         help="choose bits and group sizes per tensor to hit this many bits per weight (needs --calib-data)",
     )
+    p.add_argument(
+        "--max-bits",
+        type=int,
+        default=None,
+        help="with --target-bpw: no tensor above this many bits (2, 3, 4, 5, 6 or 8; default: up to bf16)",
+    )
     _add_device(p, "quantize on this device: cpu or cuda[:N] (default: cpu; cuda is faster, same bits)")
 
 
@@ -967,6 +973,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
         calib_data=args.calib_data,
         calib_tokens=args.calib_tokens,
         target_bpw=args.target_bpw,
+        max_bits=args.max_bits,
     )
     return 0
 

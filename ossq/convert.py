@@ -150,6 +150,7 @@ def convert(
     calib_data: str | None = None,
     calib_tokens: int = 4096,
     target_bpw: float | None = None,
+    max_bits: int | None = None,
 ) -> ConvertReport:
     """Convert the checkpoint at `hf_path` (directory or hub id) into an MLX checkpoint at `mlx_path`.
 
@@ -162,13 +163,17 @@ def convert(
     quantizers never turn a division into a reciprocal multiply), several times faster for the experts.
     `calibrate` ("gptq" or "awq") runs the full-precision model over the first `calib_tokens` tokens of
     `calib_data` layer by layer (ossq/calibrate.py) and rounds every affine module with GPTQ, or with AWQ
-    scales folded into the norms (quant/gptq.py, quant/awq.py); the output is the same plain MLX affine."""
+    scales folded into the norms (quant/gptq.py, quant/awq.py); the output is the same plain MLX affine.
+    `target_bpw` chooses each tensor's bits and group (quant/allocate.py), at most `max_bits` bits each
+    (None: bf16 allowed)."""
     from rich.console import Console
 
     start = time.perf_counter()
     console = console or Console()
     recipe = _recipe(quantize, dequantize, q_bits, q_group_size, q_mode, quant_predicate, experts, dtype)
     calibration = _calibration(calibrate, calib_data, calib_tokens, quantize=quantize, q_mode=q_mode)
+    if max_bits is not None and target_bpw is None:
+        raise UnsupportedQuantization("--max-bits caps what --target-bpw chooses; pass --target-bpw too")
     if target_bpw is not None:
         _check_target(target_bpw, q_bits, q_group_size, quant_predicate, quantize=quantize, q_mode=q_mode)
         calibration = calibration or _calibration("rtn", calib_data, calib_tokens, quantize=True, q_mode=q_mode)
@@ -182,7 +187,7 @@ def convert(
     try:
         _check_destination(dest, ckpt.root)
         if target_bpw is not None:
-            recipe = _allocated(ckpt, target_bpw, calibration, experts, work_device, console)
+            recipe = _allocated(ckpt, target_bpw, max_bits, calibration, experts, work_device, console)
         job = plan_job(
             ckpt,
             recipe,
@@ -276,19 +281,25 @@ def _check_target(
 
 
 def _allocated(
-    ckpt: Checkpoint, target: float, calibration: Calibration, experts: str, device: torch.device, console: Console
+    ckpt: Checkpoint,
+    target: float,
+    max_bits: int | None,
+    calibration: Calibration,
+    experts: str,
+    device: torch.device,
+    console: Console,
 ) -> Recipe:
     """The recipe `--target-bpw` chooses from sensitivities measured on the calibration text
     (quant/allocate.py); one full-precision walk over the layers, before anything is written."""
     from ossq.calibrate import Forward, Tokens
 
-    allocate.check_target(ckpt.config, target)
+    allocate.check_target(ckpt.config, target, max_bits)
     if experts == "keep" and any(ckpt.specs[m.path] is not None for m in linear_modules(ckpt.config) if m.experts):
         raise UnsupportedQuantization("--target-bpw chooses the experts' storage too; pass --experts quantize")
     ids = calibration_tokens(calibration, ckpt.config.vocab_size)
     console.print(f"measuring sensitivities on {len(ids):,} calibration tokens, layer by layer")
     forward = Forward(_dense_reader(ckpt, ckpt.specs, device), ckpt.config, Tokens.of(ids, device))
-    options = allocate.sensitivities(forward, ckpt.config)
+    options = allocate.sensitivities(forward, ckpt.config, max_bits)
     return allocate.recipe(allocate.allocate(options, allocate.module_budget(ckpt.config, target)), target)
 
 

@@ -155,6 +155,21 @@ def test_target_bpw_plan_hits_its_bits_per_weight_within_two_hundredths(target):
     assert len({s for s in specs.values()}) > 1  # a mixed plan, not one uniform setting
 
 
+def test_max_bits_caps_every_tensor_and_rules_out_bf16():
+    config = small_config()
+    model = random_model(config)
+    ids = torch.randint(0, 512, (2, 64), generator=torch.Generator().manual_seed(7))
+    tokens = Tokens.of(ids.flatten().tolist(), torch.device("cpu"), seq_tokens=64)
+    options = allocate.sensitivities(Forward(buffer_reader(model), config, tokens), config, max_bits=4)
+    specs = allocate.allocate(options, allocate.module_budget(config, 4.25))
+    assert all(s is not None and s.bits <= 4 for s in specs.values())
+    assert Plan(allocate.recipe(specs, 4.25), config, specs).bits_per_weight <= 4.25
+    with pytest.raises(UnsupportedQuantization, match="outside what this model can be stored in"):
+        allocate.check_target(config, 6.0, max_bits=4)  # 4-bit g32 everywhere is 5 bits per weight
+    with pytest.raises(UnsupportedQuantization, match="--max-bits must be one of"):
+        allocate.check_target(config, 4.0, max_bits=7)
+
+
 def test_allocation_prefers_the_sensitive_module_at_equal_cost():
     a = [allocate.Option(QuantSpec(2, 64), 100, 1.0), allocate.Option(QuantSpec(4, 64), 200, 0.1)]
     b = [allocate.Option(QuantSpec(2, 64), 100, 0.2), allocate.Option(QuantSpec(4, 64), 200, 0.1)]

@@ -47,42 +47,54 @@ class Option:
     loss: float
 
 
-def candidates(mod: LinearInfo) -> list[QuantSpec | None]:
-    return [c for c in CANDIDATES if c is None or mod.in_features % c.group_size == 0]
+def candidates(mod: LinearInfo, max_bits: int | None = None) -> list[QuantSpec | None]:
+    """The storages `mod` may get: groups that divide its rows, bits up to `max_bits` (None: up to bf16;
+    a number also rules bf16 out)."""
+    return [
+        c
+        for c in CANDIDATES
+        if (c is None and max_bits is None)
+        or (c is not None and mod.in_features % c.group_size == 0 and c.bits <= (max_bits or 8))
+    ]
 
 
-def bounds(config: ModelConfig) -> tuple[float, float]:
-    """The least and the most bits per weight a plan over CANDIDATES can have."""
+def bounds(config: ModelConfig, max_bits: int | None = None) -> tuple[float, float]:
+    """The least and the most bits per weight a plan over the candidates can have."""
     mods = linear_modules(config)
-    cheap = {m.path: min(candidates(m), key=lambda c: module_bytes(m, c)) for m in mods}
-    dear = {m.path: max(candidates(m), key=lambda c: module_bytes(m, c)) for m in mods}
+    cheap = {m.path: min(candidates(m, max_bits), key=lambda c: module_bytes(m, c)) for m in mods}
+    dear = {m.path: max(candidates(m, max_bits), key=lambda c: module_bytes(m, c)) for m in mods}
     return tuple(Plan(Recipe("bound", QuantSpec(), ()), config, s).bits_per_weight for s in (cheap, dear))
 
 
-def check_target(config: ModelConfig, target: float) -> None:
-    low, high = bounds(config)
+def check_target(config: ModelConfig, target: float, max_bits: int | None = None) -> None:
+    if max_bits is not None and max_bits not in {c.bits for c in CANDIDATES if c is not None}:
+        raise UnsupportedQuantization(f"--max-bits must be one of 2, 3, 4, 5, 6, 8, got {max_bits}")
+    low, high = bounds(config, max_bits)
     if not low <= target <= high:
+        most = "bf16" if max_bits is None else f"{max_bits}-bit at its smallest group"
         raise UnsupportedQuantization(
             f"--target-bpw {target} is outside what this model can be stored in: {low:.3f} (every tensor "
-            f"2-bit g128) to {high:.3f} (bf16)"
+            f"2-bit g128) to {high:.3f} ({most})"
         )
 
 
 # ---- sensitivities ---------------------------------------------------------------------------------------
-def sensitivities(forward: Forward, config: ModelConfig) -> dict[str, list[Option]]:
-    """Every module's options, measured on the first SAMPLE_TOKENS tokens of `forward` (which this walks)."""
+def sensitivities(forward: Forward, config: ModelConfig, max_bits: int | None = None) -> dict[str, list[Option]]:
+    """Every module's options up to `max_bits`, measured on the first SAMPLE_TOKENS tokens of `forward`
+    (which this walks)."""
     tokens = forward.tokens
     n = min(len(tokens.ids), SAMPLE_TOKENS)
     sample = Tokens.of(tokens.ids[:n].tolist(), tokens.ids.device, seq_tokens=_seq_tokens(tokens))
     mods = {m.path: m for m in linear_modules(config)}
     embed = forward.read("model.embed_tokens.weight", None).float()
-    out = {"model.embed_tokens": _options(mods["model.embed_tokens"], lambda c: _embed_loss(embed, tokens.ids, c))}
+    embed_mod = mods["model.embed_tokens"]
+    out = {embed_mod.path: _options(embed_mod, lambda c: _embed_loss(embed, tokens.ids, c), max_bits)}
     for layer, w, _ in forward.layers():
         here = [m for m in mods.values() if m.layer == layer]
-        out.update(_layer_options(here, _Probe(w, forward.x[:n], sample, config, layer)))
+        out.update(_layer_options(here, _Probe(w, forward.x[:n], sample, config, layer), max_bits))
     final = forward.final()
     lm_head = forward.read("lm_head.weight", None).float()
-    out["lm_head"] = _options(mods["lm_head"], lambda c: _logit_loss(lm_head, final.T @ final, c))
+    out["lm_head"] = _options(mods["lm_head"], lambda c: _logit_loss(lm_head, final.T @ final, c), max_bits)
     return {path: out[path] for path in mods}  # model order
 
 
@@ -91,8 +103,8 @@ def _seq_tokens(tokens: Tokens) -> int:
     return b - a
 
 
-def _options(mod: LinearInfo, loss: Callable[[QuantSpec], float]) -> list[Option]:
-    return [Option(c, module_bytes(mod, c), 0.0 if c is None else loss(c)) for c in candidates(mod)]
+def _options(mod: LinearInfo, loss: Callable[[QuantSpec], float], max_bits: int | None) -> list[Option]:
+    return [Option(c, module_bytes(mod, c), 0.0 if c is None else loss(c)) for c in candidates(mod, max_bits)]
 
 
 class _Probe:
@@ -109,11 +121,11 @@ class _Probe:
         return float((out - self.ref).pow(2).sum() / self.ref.pow(2).sum())
 
 
-def _layer_options(mods: list[LinearInfo], probe: _Probe) -> dict[str, list[Option]]:
+def _layer_options(mods: list[LinearInfo], probe: _Probe, max_bits: int | None) -> dict[str, list[Option]]:
     out = {}
     for mod in mods:
         key = f"{mod.path.removeprefix(layer_prefix(probe.layer) + '.')}.weight"
-        out[mod.path] = _options(mod, lambda c, key=key: probe.loss(key, c))
+        out[mod.path] = _options(mod, lambda c, key=key: probe.loss(key, c), max_bits)
     return out
 
 
