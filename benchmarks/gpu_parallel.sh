@@ -9,7 +9,9 @@
 #    must be nil), then --tp 2/4/8 as far as the GPUs go: batch-1 decode and 64-sequence throughput;
 # 4. `ossq generate --temp 0` at every degree, its text compared with --tp 1's (bf16 partial sums are
 #    added in another order across ranks, so a late divergence is possible; the table says where);
-# 5. $OUT/parallel.md: the table. Every degree runs the default ops (Triton and CUDA graphs on CUDA).
+# 5. --ep 2/4/8 the same way (bench's figures are one rank's; the machine runs N times them), and
+#    `ossq serve --dp N` under benchmarks/serve_load.py against --dp 1 (SERVE=0 skips it);
+# 6. $OUT/parallel.md: the table. Every degree runs the default ops (Triton and CUDA graphs on CUDA).
 # Takes about 5 minutes on one GPU (SYNTH reuses $WORK/src when it exists).
 set -euo pipefail
 source "$(dirname "$0")/gpu_env.sh" parallel-out
@@ -59,7 +61,19 @@ for tp in 1 2 4 8; do
   [ "$tp" -le "$N" ] || break
   [ "$tp" -eq 1 ] || ossq "${BENCH[@]}" --tp "$tp" --json "$OUT/tp$tp.json" || true
   ossq "${PROMPT[@]}" --tp "$tp" > "$OUT/generate-tp$tp.txt" || true
+  if [ "$tp" -gt 1 ]; then
+    ossq "${BENCH[@]}" --ep "$tp" --json "$OUT/ep$tp.json" || true
+    ossq "${PROMPT[@]}" --ep "$tp" > "$OUT/generate-ep$tp.txt" || true
+  fi
 done
+if [ "${SERVE:-1}" = 1 ]; then
+  for dp in 1 "$N"; do
+    timeout 300 python3 benchmarks/serve_load.py -m "$W/mxfp4-q4" --requests 512 --concurrency $((64 * dp)) \
+      --sequential-requests 4 --max-tokens 128 --deadline 240 --markdown "$OUT/serve-dp$dp.md" -- --device cuda \
+      --dp "$dp" > /dev/null 2>&1 || true
+    [ "$dp" -eq "$N" ] && break
+  done
+fi
 
 python3 - "$OUT" <<'EOF'
 import json, pathlib, sys
@@ -78,11 +92,14 @@ lines = ["## gpt-oss-20b (synthetic, MXFP4 experts + 4-bit g64), greedy", "",
          "|---|---:|---:|---:|---|"]
 plain = row("plain, one GPU", out / "plain.json")
 lines.append(plain[:-1] + (" | " + ("yes" if text(out / "generate-plain.txt") == ref else "no") + " |"))
-for tp in (1, 2, 4, 8):
-    p = out / f"tp{tp}.json"
+for flag, tp in [("tp", t) for t in (1, 2, 4, 8)] + [("ep", t) for t in (2, 4, 8)]:
+    p = out / f"{flag}{tp}.json"
     if p.exists():
-        same = text(out / f"generate-tp{tp}.txt") == ref
-        lines.append(row(f"--tp {tp}" + (" (torchrun)" if tp == 1 else ""), p)[:-1] + f" | {'yes' if same else 'no'} |")
+        same = text(out / f"generate-{flag}{tp}.txt") == ref
+        name = f"--{flag} {tp}" + (" (torchrun)" if tp == 1 else "") + (" (one rank's; ×N the machine's)" if flag == "ep" else "")
+        lines.append(row(name, p)[:-1] + f" | {'yes' if same else 'no'} |")
+for dp in sorted(out.glob("serve-dp*.md")):
+    lines += ["", f"### ossq serve --dp {dp.stem.removeprefix('serve-dp')}", "", dp.read_text()]
 (out / "parallel.md").write_text((out / "allreduce.md").read_text() + "\n" + "\n".join(lines) + "\n")
 print((out / "parallel.md").read_text())
 EOF

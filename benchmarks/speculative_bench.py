@@ -81,6 +81,7 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--num-draft-tokens", type=lambda t: [int(k) for k in t.split(",")], default=[2, 4])
     ap.add_argument("--with-120b", action="store_true", help="also the 120b (tiered, in memory), 20b drafting")
     ap.add_argument("--tiny", action="store_true", help="the tiny preset for both sizes: a quick CPU check")
+    ap.add_argument("--fixed-k", action="store_true", help="draft K tokens every step (no adaptive K): the cost")
     return ap
 
 
@@ -114,11 +115,14 @@ def _target_rows(name: str, model: GptOss, drafts: dict[str, str | Path], args) 
     for label, path in drafts.items():
         draft = load_draft(str(path), model)
         for k in args.num_draft_tokens:
-            spec = measure_speculative(model, draft, config, prompt, k, meter=meter, **counts)
+            spec = measure_speculative(
+                model, draft, config, prompt, k, meter=meter, adaptive=not args.fixed_k, **counts
+            )
             tps, d = spec.run.generation_tps.median, spec.drafts
+            step_cost = plain * (1 + d.mean_accepted_length) / tps  # a drafting step, in plain decode steps
             rows.append({"target": name, "draft": label, "k": k, "tps": tps, "speedup": tps / plain,
                          "acceptance": d.acceptance_rate, "accepted_per_step": d.mean_accepted_length,
-                         "drafted_per_step": d.mean_draft_length})  # fmt: skip
+                         "drafted_per_step": d.mean_draft_length, "step_cost": step_cost})  # fmt: skip
             print(json.dumps(rows[-1]), flush=True)
         del draft
         _free(args.device)
@@ -126,25 +130,30 @@ def _target_rows(name: str, model: GptOss, drafts: dict[str, str | Path], args) 
 
 
 def _markdown(rows: list[dict], times: dict[str, float], args) -> str:
-    head = "| target | draft | K (cap) | tok/s | speed-up | acceptance | accepted / step | drafted / step |"
+    head = (
+        "| target | draft | K (cap) | tok/s | speed-up | acceptance | accepted / step | drafted / step "
+        "| step cost (plain steps) |"
+    )
     lines = [
         f"# Speculative decoding, batch 1 ({args.device})",
         "",
         f"{args.prompt_tokens}-token seeded random prompt, {args.gen_tokens} tokens greedy (the same tokens "
-        f"with and without drafts), median of {args.repeats} after {args.warmup} warmup; adaptive K.",
+        f"with and without drafts), median of {args.repeats} after {args.warmup} warmup; "
+        + ("K fixed (drafts every step)." if args.fixed_k else "adaptive K."),
         "",
         NOTE,
         "",
         head,
-        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for r in rows:
         if r["k"] == 0:
-            lines.append(f"| {r['target']} | none | — | {r['tps']:.1f} | 1.00 | — | — | — |")
+            lines.append(f"| {r['target']} | none | — | {r['tps']:.1f} | 1.00 | — | — | — | 1.00 |")
         else:
             lines.append(
                 f"| {r['target']} | {r['draft']} | {r['k']} | {r['tps']:.1f} | {r['speedup']:.2f} | "
-                f"{r['acceptance']:.0%} | {r['accepted_per_step']:.2f} | {r['drafted_per_step']:.2f} |"
+                f"{r['acceptance']:.0%} | {r['accepted_per_step']:.2f} | {r['drafted_per_step']:.2f} | "
+                f"{r['step_cost']:.2f} |"
             )
     lines += ["", "Preparation: " + (", ".join(f"{k} {v:.1f} s" for k, v in times.items()) or "reused"), ""]
     return "\n".join(lines)

@@ -25,6 +25,7 @@ from typing import Any
 from ossq.engine.engine import Engine
 from ossq.engine.generate import BatchResponse, batch_generate
 from ossq.engine.model import GptOss
+from ossq.engine.parallel import SINGLE, Parallel
 from ossq.engine.sampling import SamplingParams
 from ossq.errors import InvalidArgument, OssqError
 from ossq.harmony import Chat, Reply, parse_reply
@@ -117,22 +118,46 @@ def run_prompts_file(
     reasoning_effort: str = "medium",
     engine: Engine | None = None,
     progress: bool = True,
+    parallel: Parallel = SINGLE,
 ) -> BatchResponse:
+    """Every line's completion, written to `out` (by rank 0). Under --ep (`parallel.expert_only`) rank r
+    runs lines r, r + N, …, and the ranks' results are gathered in line order."""
     lines = read_prompts(
         prompts_file, tokenizer, max_tokens=max_tokens, sampling=sampling, reasoning_effort=reasoning_effort
     )
-    with _progress(len(lines), progress) as advance:
+    split = parallel.active and parallel.expert_only
+    if split and engine is None:
+        raise OssqError("under --ep pass the engine of the rank's model (its peers step with it)")
+    mine = list(range(parallel.rank, len(lines), parallel.world_size)) if split else list(range(len(lines)))
+    with _progress(len(mine), progress) as advance:
         result = batch_generate(
             model,
             tokenizer,
-            [p.ids for p in lines],
-            max_tokens=[p.max_tokens for p in lines],
-            sampling=[p.sampling for p in lines],
+            [lines[i].ids for i in mine],
+            max_tokens=[lines[i].max_tokens for i in mine],
+            sampling=[lines[i].sampling for i in mine],
             engine=engine,
             on_finish=lambda _i: advance(),
         )
-    _write_atomically(Path(out), [_record(i, p, result) for i, p in enumerate(lines)])
+    if split:
+        engine.wait_for_peers()
+        result = _merge(
+            [(list(range(r, len(lines), parallel.world_size)), res) for r, res in enumerate(parallel.gather(result))]
+        )
+    if parallel.rank == 0:
+        _write_atomically(Path(out), [_record(i, p, result) for i, p in enumerate(lines)])
     return result
+
+
+def _merge(parts: list[tuple[list[int], BatchResponse]]) -> BatchResponse:
+    """The ranks' results (each with the line indices it ran) as one, in line order."""
+    n = sum(len(idx) for idx, _ in parts)
+    fields: dict[str, list] = {f.name: [None] * n for f in dataclasses.fields(BatchResponse)}
+    for idx, res in parts:
+        for name, values in fields.items():
+            for i, value in zip(idx, getattr(res, name), strict=True):
+                values[i] = value
+    return BatchResponse(**fields)
 
 
 def _record(i: int, line: PromptLine, result: BatchResponse) -> dict[str, Any]:

@@ -493,9 +493,11 @@ def measure_speculative(
     repeats: int,
     warmup: int,
     meter: MemoryMeter,
+    adaptive: bool = True,
 ) -> SpecBench:
-    """`measure` on an engine over `model` that speculates with `draft` (a model or "ngram")."""
-    engine = speculative_engine(model, config, SpeculativeConfig(draft, num_draft_tokens))
+    """`measure` on an engine over `model` that speculates with `draft` (a model or "ngram"); `adaptive`
+    False drafts K tokens every step (what a verification costs, whatever the acceptance)."""
+    engine = speculative_engine(model, config, SpeculativeConfig(draft, num_draft_tokens, adaptive=adaptive))
     run = measure(engine, prompt, gen_tokens=gen_tokens, repeats=repeats, warmup=warmup, meter=meter)
     return SpecBench(run, engine.speculator.stats)
 
@@ -572,7 +574,9 @@ def bench(
     docstring for the method. Every model is found and its config read before any is measured. With
     `progress`, log each step to stderr and print the tables at the end. Writes the JSON / Markdown /
     PNG outputs whose paths are given (plots need matplotlib). Under `parallel` (--tp) every rank measures
-    its shard in step with the others, on its own device; rank 0 alone logs and writes. With
+    its shard in step with the others, on its own device; rank 0 alone logs and writes. Under --ep
+    (`parallel.expert_only`) every rank runs the same requests of its own beside the others' (data-parallel
+    attention), so the figures are one rank's and the machine's aggregate is N times them. With
     `draft_model` each model's main measurement is repeated speculating (module docstring)."""
     if not models:
         raise InvalidArgument("models", "give at least one model")
@@ -583,7 +587,7 @@ def bench(
     dev = resolve_device(parallel.device or device)
     checkpoints = [Checkpoint(m) for m in models]  # a bad path or config fails here, before any work
     if draft_model is not None:
-        _check_draft(draft_model, num_draft_tokens, checkpoints, parallel)
+        _check_draft(draft_model, num_draft_tokens, checkpoints)
     console = _console() if progress and parallel.rank == 0 else None
     lengths = sorted(set(context) | set(sweep_context))
     drafts = num_draft_tokens if draft_model is not None else 0  # room for the drafts past the last token
@@ -606,7 +610,7 @@ def bench(
         "kv_cache_tokens": kv_tokens,
         "ops": ops or "default",
         "cuda_graphs": cuda_graphs,
-        "tp": parallel.world_size,
+        **({"ep": parallel.world_size} if parallel.expert_only else {"tp": parallel.world_size}),
         "copy_bandwidth_gbps": copy_bandwidth_gbps(dev),
         "prompt": "seeded random ordinary-token ids",
         "sampling": "greedy, no stop tokens",
@@ -623,11 +627,9 @@ def bench(
     return result
 
 
-def _check_draft(draft_model: str, k: int, checkpoints: Sequence[Checkpoint], parallel: Parallel) -> None:
+def _check_draft(draft_model: str, k: int, checkpoints: Sequence[Checkpoint]) -> None:
     """A draft every model can use: K ≥ 1, and a checkpoint's vocabulary theirs."""
     check_num_draft_tokens(k)
-    if parallel.active:
-        raise InvalidArgument("draft_model", "draft_model with tensor parallelism is not supported yet")
     if draft_model != NGRAM:
         draft = read_model_config(resolve(draft_model))[1]
         for ckpt in checkpoints:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import math
 import os
 import re
@@ -22,7 +23,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from ossq import __version__
-from ossq.errors import InvalidArgument, OssqError
+from ossq.errors import DeviceError, InvalidArgument, OssqError
 from ossq.lengths import parse_lengths
 
 REASONING_EFFORTS = ("low", "medium", "high")
@@ -209,7 +210,11 @@ def _add_tp(p: argparse.ArgumentParser) -> None:
         "docs/engine.md)",
     )
     p.add_argument(
-        "--ep", type=_int_in(1), default=1, help="expert parallel with data-parallel attention (not implemented yet)"
+        "--ep",
+        type=_int_in(1),
+        default=1,
+        help="expert parallel for throughput: the experts split over this many ranks, attention and the "
+        "vocabulary whole on each, every rank running its own share of the requests (docs/engine.md)",
     )
 
 
@@ -432,6 +437,13 @@ def _add_serve(sub) -> None:
         help="split the model over this many ranks (tensor parallel: one GPU each on CUDA, processes on CPU); "
         "rank 0 serves HTTP and every rank runs its engine's steps (docs/serve.md)",
     )
+    p.add_argument(
+        "--dp",
+        type=_int_in(1),
+        default=1,
+        help="serve this many engine replicas (one GPU each on CUDA), each request routed to the one whose "
+        "prefix cache holds most of its prompt (docs/serve.md)",
+    )
     _add_device(p)
     _add_engine(p)
     _add_speculative(p)
@@ -649,8 +661,8 @@ def _check_draft(args: argparse.Namespace) -> None:
     from ossq.engine.speculative import NGRAM, check_draft_config
     from ossq.formats.hf import local_checkpoint, read_model_config
 
-    if getattr(args, "tp", 1) > 1:
-        raise _usage("--draft-model", "with --tp above 1 is not supported yet")
+    if getattr(args, "tp", 1) > 1 and args.command == "serve":
+        raise _usage("--draft-model", "with serve --tp above 1 is not supported yet")
     if args.draft_model == NGRAM:
         return
     _check_model("--draft-model", args.draft_model)
@@ -867,14 +879,17 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from ossq.engine.launch import launch
     from ossq.engine.parallel import check_checkpoint
 
-    _refuse_ep(args)
-    check_checkpoint(args.model, args.tp, args.ops)  # a model that cannot be split fails before any rank starts
-    return launch(_generate, args, tp=args.tp, device=args.device)
+    ranks = _ranks(args)
+    # a model that cannot be split fails before any rank starts
+    check_checkpoint(args.model, ranks, args.ops, expert_only=args.ep > 1)
+    return launch(_generate, args, tp=ranks, device=args.device)
 
 
-def _refuse_ep(args: argparse.Namespace) -> None:
-    if args.ep > 1:
-        raise InvalidArgument("ep", "--ep is not implemented yet; --tp N places the experts whole across N ranks")
+def _ranks(args: argparse.Namespace) -> int:
+    """The ranks --tp or --ep asks for."""
+    if args.ep > 1 and args.tp > 1:
+        raise InvalidArgument("ep", "--tp and --ep together are not supported; choose one")
+    return max(args.tp, args.ep)
 
 
 def _load(args: argparse.Namespace, parallel):
@@ -901,9 +916,14 @@ def _generate(parallel, args: argparse.Namespace) -> int:
     from ossq.chat import answer
     from ossq.engine.generate import generate
 
+    if args.ep > 1:
+        parallel = dataclasses.replace(parallel, expert_only=True)
     sampling, chat, config = parallel.sampling(_sampling(args)), _chat(args), _engine_config(args)
     model, tokenizer = _load(args, parallel)
     engine = _engine(args, model, parallel.engine_config(config, model))
+    if parallel.expert_only and parallel.rank and args.prompts_file is None:
+        engine.wait_for_peers()  # one prompt: rank 0 runs it, the others lend it their experts
+        return 0
     common = dict(sampling=sampling, max_tokens=args.max_tokens, engine=engine)
     if args.prompts_file is not None:
         from ossq.batch import run_prompts_file
@@ -917,6 +937,7 @@ def _generate(parallel, args: argparse.Namespace) -> int:
             sampling=sampling,
             reasoning_effort=args.reasoning_effort,
             engine=engine,
+            parallel=parallel,
         )
         print(f"wrote {len(result.texts)} completions to {args.out}")
     elif args.raw:
@@ -924,6 +945,7 @@ def _generate(parallel, args: argparse.Namespace) -> int:
     else:
         chat.add_user(args.prompt)
         answer(model, tokenizer, chat, show_reasoning=not args.hide_reasoning, catch_interrupt=False, **common)
+    engine.wait_for_peers()
     return 0
 
 
@@ -982,16 +1004,18 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from ossq.engine.launch import launch
     from ossq.engine.parallel import check_checkpoint
 
-    _refuse_ep(args)
+    ranks = _ranks(args)
     for model in args.models:
-        check_checkpoint(model, args.tp, args.ops)
-    return launch(_bench, args, tp=args.tp, device=args.device)
+        check_checkpoint(model, ranks, args.ops, expert_only=args.ep > 1)
+    return launch(_bench, args, tp=ranks, device=args.device)
 
 
 def _bench(parallel, args: argparse.Namespace) -> int:
     """`ossq bench` on one rank (rank 0 reports; engine/parallel.py)."""
     from ossq.bench import bench
 
+    if args.ep > 1:
+        parallel = dataclasses.replace(parallel, expert_only=True)
     result = bench(
         args.models,
         prompt_tokens=args.prompt_tokens,
@@ -1051,8 +1075,30 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from ossq.engine.parallel import check_checkpoint
 
     _check_model("-m", args.model)
+    if args.dp > 1 and args.tp > 1:
+        raise InvalidArgument("dp", "--dp with --tp is not supported yet; choose one")
+    _replica_devices(args.device, args.dp)  # too few GPUs fails before the model loads
     check_checkpoint(args.model, args.tp, args.ops)  # a model that cannot be split fails before any rank starts
     return launch(_serve, args, tp=args.tp, device=args.device, graceful=True)
+
+
+def _replica_devices(device: str | None, n: int) -> list[str | None]:
+    """The device of each --dp replica: cuda:0 … cuda:n−1 on CUDA, all on the CPU otherwise."""
+    if n == 1:
+        return [device]
+    from ossq.device import resolve_device
+
+    dev = resolve_device(device)
+    if dev.type != "cuda":
+        return [device] * n
+    if dev.index is not None:
+        raise DeviceError(f"--dp {n} places replica i on cuda:i; pass --device cuda, not {device}")
+    import torch
+
+    if torch.cuda.device_count() < n:
+        count = torch.cuda.device_count()
+        raise DeviceError(f"--dp {n} needs {n} GPUs, one per replica, but this machine has {count}")
+    return [f"cuda:{i}" for i in range(n)]
 
 
 def _serve(parallel, args: argparse.Namespace) -> int:
@@ -1066,14 +1112,16 @@ def _serve(parallel, args: argparse.Namespace) -> int:
         if args.api_key is None and args.host not in ("127.0.0.1", "localhost", "::1"):
             print(f"ossq serve: warning: listening on {args.host} without --api-key", file=sys.stderr)
         sock = listen(args.host, args.port)  # a busy port fails now, not after the load
-    model, tokenizer = _load(args, parallel)
-    engine = _engine(args, model, parallel.engine_config(engine_config, model))
+    engines = []
+    for device in _replica_devices(args.device, args.dp):  # --dp: one engine per replica
+        model, tokenizer = _load(argparse.Namespace(**{**vars(args), "device": device}), parallel)
+        engines.append(_engine(args, model, parallel.engine_config(engine_config, model)))
     if parallel.rank:
-        follow(engine, tokenizer, parallel)
+        follow(engines[0], tokenizer, parallel)
         return 0
     name = args.served_model_name or (Path(args.model).name if Path(args.model).expanduser().is_dir() else args.model)
     config = ServeConfig(name, api_key=args.api_key, max_queue=args.max_queue)
-    serve(engine, tokenizer, config, sock, log_level=args.log_level, parallel=parallel)
+    serve(engines, tokenizer, config, sock, log_level=args.log_level, parallel=parallel)
     return 0
 
 

@@ -326,3 +326,94 @@ def test_tp_that_cannot_split_the_model_fails_the_command_in_one_line(tiny_check
     assert main(["generate", "-m", str(tiny_checkpoint), "-p", "hi", "--tp", "3"]) == 2
     err = capsys.readouterr().err.strip()
     assert err == "ossq generate: error: --tp 3 does not divide the model's 4 attention heads; choose a divisor of 4"
+
+
+@pytest.mark.parametrize("draft", ["ngram", "self"])
+def test_generate_with_tp_2_and_a_draft_prints_what_one_process_prints(tiny_checkpoint, capfd, draft):
+    """Every rank drafts alike (the n-gram drafter reads the same tokens; a draft model is replicated, whole,
+    on every rank) and verifies the same gathered logits, so speculation changes no greedy token."""
+    argv = ["generate", "-m", str(tiny_checkpoint), "-p", "Tell me a story", "--max-tokens", "12", "--temp", "0"]
+    assert main(argv) == 0
+    one = capfd.readouterr().out.splitlines()
+    drafter = "ngram" if draft == "ngram" else str(tiny_checkpoint)
+    assert main([*argv, "--tp", "2", "--draft-model", drafter, "--num-draft-tokens", "3"]) == 0
+    two = capfd.readouterr().out.splitlines()
+    assert two[:2] == one[:2] and one[1].strip()
+
+
+# ---- --ep: experts split, attention whole, every rank its own requests ----------------------------------
+EP_CHECKPOINTS = ("hf-mxfp4", "mlx-bf16", "a3g64", "a5g32")
+
+
+def run_ep(parallel: Parallel, paths: dict[str, str]) -> dict[str, tuple[list[torch.Tensor], list[list[int]]]]:
+    """Rank r runs prompts r, r + N, … (so the ranks' steps differ in rows, and one rank runs out of work
+    first) → per checkpoint, on rank 0, the logits of each rank's first prompt and all greedy tokens, in
+    prompt order."""
+    import dataclasses
+
+    parallel = dataclasses.replace(parallel, expert_only=True)
+    mine = list(range(parallel.rank, len(PROMPTS), parallel.world_size))
+    out = {}
+    for name, path in paths.items():
+        model, _ = load_model(path, dtype=torch.float32, ops="torch", parallel=parallel)
+        logits = forward_full(model, torch.tensor([PROMPTS[mine[0]]]))[0]
+        engine = Engine(model, EngineConfig(max_num_seqs=4, kv_cache_tokens=512))
+        ids = {i: engine.add_request(PROMPTS[i], SamplingParams(), max_tokens=MAX_TOKENS) for i in mine}
+        while engine.has_unfinished:
+            engine.step()
+        engine.wait_for_peers()
+        every: list = [None] * parallel.world_size
+        dist.all_gather_object(every, ({i: engine.request(r).output for i, r in ids.items()}, logits))
+        tokens = {i: t for outputs, _ in every for i, t in outputs.items()}
+        out[name] = ([lg for _, lg in every], [tokens[i] for i in range(len(PROMPTS))])
+    return out
+
+
+@pytest.mark.parametrize("ep", [2, 3])
+def test_ep_gives_one_process_greedy_tokens_and_logits(checkpoints, ep):
+    """--ep 3 of a 4-expert model is refused; with 6 experts it would run: here 3 checks the refusal."""
+    paths = {k: checkpoints[k] for k in EP_CHECKPOINTS}
+    if ep == 3:
+        with pytest.raises(ConfigError, match="--ep 3 does not divide the model's 4 experts"):
+            check_checkpoint(paths["hf-mxfp4"], 3, expert_only=True)
+        return
+    got = launch(run_ep, paths, tp=ep)
+    for name, path in paths.items():
+        model, _ = load_model(path, dtype=torch.float32, ops="torch")
+        logits, tokens = got[name]
+        assert tokens == _greedy(SINGLE, model), name
+        for r, lg in enumerate(logits):
+            ref = forward_full(model, torch.tensor([PROMPTS[r]]))[0]
+            torch.testing.assert_close(lg, ref, rtol=1e-4, atol=1e-4)
+
+
+def test_generate_with_ep_2_prints_and_writes_what_one_process_does(tiny_checkpoint, capfd, tmp_path):
+    argv = ["generate", "-m", str(tiny_checkpoint), "-p", "Tell me a story", "--max-tokens", "6", "--temp", "0"]
+    assert main(argv) == 0
+    one = capfd.readouterr().out.splitlines()
+    assert main([*argv, "--ep", "2"]) == 0
+    assert capfd.readouterr().out.splitlines()[:2] == one[:2]
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": f"Story number {i}:"}) + "\n" for i in range(5)))
+    outputs = {}
+    for flags in ([], ["--ep", "2"]):
+        out = tmp_path / f"out{len(flags)}.jsonl"
+        base = ["generate", "-m", str(tiny_checkpoint), "--prompts-file", str(prompts), "--out", str(out)]
+        assert main([*base, "--max-tokens", "5", "--temp", "0", *flags]) == 0
+        outputs[len(flags)] = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["text"] for r in outputs[2]] == [r["text"] for r in outputs[0]] and len(outputs[0]) == 5
+
+
+def test_ep_with_tp_is_refused_in_one_line(tiny_checkpoint, capsys):
+    assert main(["generate", "-m", str(tiny_checkpoint), "-p", "hi", "--tp", "2", "--ep", "2"]) == 2
+    assert "--tp and --ep together are not supported" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flags", [["--ep", "2"], ["--tp", "2", "--draft-model", "ngram"]])
+def test_bench_with_ep_2_or_drafting_under_tp_2_measures(tiny_checkpoint, tmp_path, flags):
+    out = tmp_path / "bench.json"
+    argv = ["bench", "-m", str(tiny_checkpoint), "--prompt-tokens", "8", "--gen-tokens", "4", "--repeats", "1"]
+    assert main([*argv, "--warmup", "0", "--batch", "1,2", *flags, "--json", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert report["settings"][flags[0].removeprefix("--")] == 2
+    assert not report["rows"][0].get("error") and report["rows"][0]["model"] == "tiny"

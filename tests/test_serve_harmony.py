@@ -43,9 +43,10 @@ class ScriptedModel(torch.nn.Module):
     def __init__(self, config) -> None:
         super().__init__()
         from ossq.engine.ops import select_ops
+        from ossq.engine.parallel import SINGLE
 
         self.config, self.dtype, self.device = config, torch.float32, torch.device("cpu")
-        self.ops = select_ops("torch")
+        self.ops, self.parallel = select_ops("torch"), SINGLE
         self.enc = o200k_harmony()
         self.tokens: dict[int, list[int]] = {}
         self.prompt_len: dict[int, int] = {}

@@ -466,3 +466,25 @@ def test_a_graph_replay_never_syncs_with_the_host(graph_models):
             engine.graphs.run(chunks)
     finally:
         torch.cuda.set_sync_debug_mode("default")
+
+
+@needs_cuda
+@pytest.mark.parametrize("drafter", ["ngram", "self"])
+def test_verification_steps_replay_as_graphs_and_keep_the_greedy_tokens(graph_models, drafter):
+    from ossq.engine.speculative import SpeculativeConfig, speculative_engine
+
+    fast, _ = graph_models
+    prompts = [[3, 1, 4, 1, 5, 9, 2, 6] * 3, list(range(30, 42))]  # repetition for the n-gram drafter
+    plain = generate(fast, prompts, 40, kv_cache_tokens=1024, cuda_graphs=True)[0]
+    config = EngineConfig(kv_cache_tokens=1024, prefix_cache=False)
+    draft = "ngram" if drafter == "ngram" else fast
+    engine = speculative_engine(fast, config, SpeculativeConfig(draft, 4, adaptive=False))
+    ids = [engine.add_request(p, max_tokens=40) for p in prompts]
+    tokens: dict[int, list[int]] = {i: [] for i in ids}
+    while engine.has_unfinished:
+        for out in engine.step():
+            if out.token is not None:
+                tokens[out.request_id].append(out.token)
+    assert [tokens[i] for i in ids] == plain
+    assert engine.speculator.stats.verify_steps > 0
+    assert any(rows > len(prompts) for rows, _ in engine.graphs.graphs)  # verification rows were graphed

@@ -35,6 +35,7 @@ if TYPE_CHECKING:
     from ossq.engine.speculative import Speculator
 
 PREFILL_CHUNK_TOKENS = 512
+GRAPH_CHUNK_TOKENS = 16  # the longest chunk a graph replays as one-token rows (_token_rows)
 
 
 @dataclass(frozen=True)
@@ -101,8 +102,12 @@ class Engine:
         if tokens < BLOCK_TOKENS:
             raise InvalidArgument("kv_cache_tokens", f"kv_cache_tokens must be at least {BLOCK_TOKENS}, got {tokens}")
         self.num_blocks = tokens // BLOCK_TOKENS
-        graph_seqs = min(c.max_num_seqs, model.ops.graph_tokens(mc)) if model.device.type == "cuda" else 0
-        graphs = c.cuda_graphs and graph_seqs > 0
+        graph_rows = min(c.max_num_seqs * GRAPH_CHUNK_TOKENS, model.ops.graph_tokens(mc))  # _token_rows
+        graph_seqs = graph_rows if model.device.type == "cuda" else 0
+        # under --ep a step's shapes depend on the other ranks' rows (Parallel.step_rows): no graphs
+        self.lockstep = model.parallel.active and model.parallel.expert_only
+        graphs = c.cuda_graphs and graph_seqs > 0 and not self.lockstep
+        self.peers_busy = False  # under --ep: whether some rank had work at the last step
         # with graphs, one more block takes the padding rows' writes; the block manager never hands it out
         blocks = self.num_blocks + graphs
         self.kv = KVPool.allocate(mc, num_blocks=blocks, dtype=model.dtype, device=model.device)
@@ -209,17 +214,27 @@ class Engine:
 
     @torch.inference_mode()
     def step(self) -> list[StepOutput]:
-        """Run one step → what happened to each request in it."""
+        """Run one step → what happened to each request in it. Under --ep every rank steps together while
+        any has work (`peers_busy`); a rank with nothing to run lends its experts to the others' rows."""
+        if self.lockstep:
+            self.peers_busy = self.model.parallel.any_rank(self.has_unfinished)
+            if not self.peers_busy:
+                return []
         scheduled = self.scheduler.schedule()
         if not scheduled:
+            if self.lockstep:
+                self.model.idle()
             return []
         plan = [_Planned(req, req.num_computed, req.num_computed + n) for req, n in scheduled]
         self.stats.steps += 1
         if self.speculator is not None:
             self.speculator.draft(plan, self.scheduler)
         chunks = self._chunks(plan)
-        if self.graphs and self.graphs.fits(len(chunks)) and all(p.end - p.start == p.num_rows == 1 for p in plan):
-            logits = self.graphs.run(chunks)  # a decode step: one token and its logits per request
+        rows = _token_rows(chunks, self.model.device) if self.graphs else None
+        if rows is not None and self.graphs.fits(len(rows[0])):
+            logits = self.graphs.run(rows[0])  # decode, verification, a draft model's catch-up: short chunks
+            if rows[1] is not None:
+                logits = logits[rows[1]]
         else:
             logits = self.model(self._batch(chunks), self.kv)
         outputs = self._book(plan, logits)
@@ -227,6 +242,14 @@ class Engine:
             if out.request_id in self._inboxes:
                 self._inboxes[out.request_id].append(out)
         return outputs
+
+    def wait_for_peers(self) -> None:
+        """Once this rank's requests are done: under --ep, keep stepping (serving the other ranks' rows)
+        until no rank has work, so that every rank leaves its last collective together."""
+        while self.lockstep:
+            self.step()
+            if not self.peers_busy:
+                return
 
     def _book(self, plan: list[_Planned], logits: torch.Tensor) -> list[StepOutput]:
         """Sample, commit and book a step. Requests that fed draft tokens are verified instead
@@ -399,6 +422,25 @@ class _Planned:
     @property
     def samples(self) -> bool:
         return self.end == len(self.req.tokens)
+
+
+def _token_rows(chunks: list[SeqChunk], device: torch.device) -> tuple[list[SeqChunk], torch.Tensor | None] | None:
+    """A step of short chunks (a decode step; a verification: the last token and its drafts; a draft
+    model catching up) as one-token rows, one per token, that a decode graph replays, with the indices of
+    the rows whose logits the step wants (None: all of them); None for a step with a longer chunk. Row i
+    of a chunk sees keys up to its own position (its length is position + 1), which is the causal mask,
+    and a step writes all its keys before any layer attends, so the rows of one sequence see each other's
+    keys as one multi-token chunk would."""
+    if any(len(c.tokens) > GRAPH_CHUNK_TOKENS for c in chunks):
+        return None
+    rows: list[SeqChunk] = []
+    wanted: list[int] = []
+    for c in chunks:
+        for i, token in enumerate(c.tokens):
+            if c.logits_from is not None and c.start + i >= c.logits_from:
+                wanted.append(len(rows))
+            rows.append(SeqChunk((token,), c.start + i, c.block_table))
+    return rows, None if len(wanted) == len(rows) else device_tensor(wanted, torch.int64, device)
 
 
 def _finish_reason(req: Request, token: int) -> str | None:

@@ -10,8 +10,8 @@ tokens mixed); `Batch` (engine/batch.py) says which token belongs where, and the
 holds every sequence's keys and values. Shapes: N tokens, H query heads, K kv heads, D head dim,
 C hidden, E experts, V vocab.
 
-Under tensor parallelism (engine/parallel.py) each rank builds the same modules at its shard's shapes and
-calls the four collectives that file defines; with one rank they return their input.
+Under tensor or expert parallelism (engine/parallel.py) each rank builds the same modules at its shard's
+shapes and calls the collectives that file defines; with one rank they return their input.
 """
 
 from __future__ import annotations
@@ -127,7 +127,7 @@ class Attention(nn.Module):
         q = ops.rope_and_store(q, k, v, cos, sin, k_pool, v_pool, batch.slots)  # k rotated, then k, v stored
         window = self.window or batch.max_kv_size  # max_kv_size caps the full layers, as mlx-lm's option
         o = ops.attention(q, k_pool, v_pool, self.sinks, batch, window=window, scale=self.scale)  # (N, H, D)
-        return self.parallel.all_reduce(ops.linear(o.reshape(N, -1), self.o_proj))  # the ranks' heads summed
+        return self.parallel.reduce_heads(ops.linear(o.reshape(N, -1), self.o_proj))  # the ranks' heads summed
 
 
 class Experts(nn.Module):
@@ -159,15 +159,20 @@ class Block(nn.Module):
 
     def forward(
         self, x: torch.Tensor, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, batch: Batch, kv: KVPool,
-        next_norm: RMSNorm,
+        next_norm: RMSNorm, rows: list[int] | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
         """x the residual stream, h = input_layernorm(x) → the new stream and `next_norm` of it (the next
-        block's input norm, or the final norm): each residual add is fused with the norm that follows it."""
-        c, ops, post = self.config, self.ops, self.post_attention_layernorm
+        block's input norm, or the final norm): each residual add is fused with the norm that follows it.
+        `rows`: every rank's row count under --ep (Parallel.step_rows)."""
+        ops, post = self.ops, self.post_attention_layernorm
         x, h = ops.add_rms_norm(x, self.self_attn(h, cos, sin, batch, kv), post.weight, post.eps)
-        y = ops.moe(h, self.mlp, top_k=c.num_experts_per_tok, limit=c.swiglu_limit, alpha=c.swiglu_alpha)
-        y = self.parallel.all_reduce(y)  # the ranks' experts summed
-        return ops.add_rms_norm(x, y, next_norm.weight, next_norm.eps)
+        return ops.add_rms_norm(x, self.moe(h, rows), next_norm.weight, next_norm.eps)
+
+    def moe(self, h: torch.Tensor, rows: list[int] | None) -> torch.Tensor:
+        """The mixture of experts, summed over the ranks' experts (engine/parallel.py)."""
+        c = self.config
+        kw = dict(top_k=c.num_experts_per_tok, limit=c.swiglu_limit, alpha=c.swiglu_alpha)
+        return self.parallel.moe(self.ops, h, self.mlp, rows, **kw)
 
 
 class Body(nn.Module):
@@ -209,13 +214,22 @@ class GptOss(nn.Module):
     def forward(self, batch: Batch, kv: KVPool) -> torch.Tensor:
         """→ logits (R, V) float32 of the rows `batch.logits_rows`, in that order."""
         ops, layers = self.ops, self.model.layers
+        rows = self.parallel.step_rows(batch.tokens.shape[0])
         x = self.parallel.embedding(ops, batch.tokens, self.model.embed_tokens, self.dtype)  # (N, C)
         cos, sin = self.rotary(batch.positions, self.dtype)
         first = layers[0].input_layernorm
         h = ops.rms_norm(x, first.weight, first.eps)
         for block, next_norm in zip(layers, [*(b.input_layernorm for b in layers[1:]), self.model.norm], strict=True):
-            x, h = block(x, h, cos, sin, batch, kv, next_norm)
+            x, h = block(x, h, cos, sin, batch, kv, next_norm, rows)
         if batch.logits_rows.numel() == 0:  # a prefill chunk short of its prompt's end: no logits wanted
             return x.new_zeros(0, self.config.vocab_size, dtype=torch.float32)
         logits = ops.linear(h[batch.logits_rows], self.lm_head).float()  # h: the final norm of the stream
         return self.parallel.gather_logits(logits)
+
+    def idle(self) -> None:
+        """A step with no rows of this rank's own, under --ep: its experts still serve the other ranks' rows
+        (the same collectives, layer by layer, as `forward`)."""
+        rows = self.parallel.step_rows(0)
+        empty = torch.empty(0, self.config.hidden_size, dtype=self.dtype, device=self.device)
+        for block in self.model.layers:
+            block.moe(empty, rows)

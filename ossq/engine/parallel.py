@@ -1,5 +1,5 @@
-"""Tensor parallelism (`--tp N`): which slice of each checkpoint tensor a rank holds, and the collectives
-that make N ranks compute what one process computes.
+"""Tensor and expert parallelism (`--tp N`, `--ep N`): which slice of each checkpoint tensor a rank
+holds, and the collectives that make N ranks compute what one process computes.
 
 The model stays one file (engine/model.py); parallelism enters it at three points only:
 - construction: every Linear and the sinks are built at this rank's shape (`shard_info`, `heads`);
@@ -24,6 +24,16 @@ Ranks agree without talking about it: after each all-reduce every rank holds the
 give all ranks one result), so the residual stream, the router's top-k and the gathered logits are
 identical on every rank, and with identical requests, seeds and pool sizes every rank schedules and
 samples the same tokens. With one rank nothing here runs a collective and every shape is the whole.
+
+Expert parallel (`--ep N`, `expert_only`): the throughput layout. Only the experts are split (as above);
+attention, the router, the embedding and lm_head are whole on every rank, and each rank runs its own
+requests with its own KV pool — data-parallel attention. A step's mixture of experts gathers every rank's
+rows (padded to the longest; `step_rows` counts them once per forward), each rank applies its experts to
+all of them, the partial sums are all-reduced and each rank keeps its rows. The ranks therefore step
+together: while any has work (`any_rank`), one without lends its experts to the others (GptOss.idle), and
+a rank done with its requests steps on until all are (Engine.wait_for_peers). The all-reduce moves every
+row to every rank, which a reduce-scatter (NCCL) would halve; gloo has no reduce-scatter, so it is one
+path for both. No CUDA graphs under --ep: a step's shapes depend on the other ranks' rows.
 """
 
 from __future__ import annotations
@@ -84,21 +94,34 @@ WHOLE = Shard()
 
 @dataclass(frozen=True)
 class Parallel:
-    """This process's place among `world_size` tensor-parallel ranks. `group` is the torch.distributed
-    process group (None: the default one); `device` is the rank's device where the launcher chose it
-    (one GPU per rank), None to let the caller decide."""
+    """This process's place among `world_size` ranks. `group` is the torch.distributed process group
+    (None: the default one); `device` is the rank's device where the launcher chose it (one GPU per
+    rank), None to let the caller decide. `expert_only` (`--ep N`): only the experts are split; every
+    rank holds the rest whole and runs its own requests (module docstring, "Expert parallel")."""
 
     rank: int = 0
     world_size: int = 1
     group: Any = None
     device: str | None = None
+    expert_only: bool = False
 
     @property
     def active(self) -> bool:
         return self.world_size > 1
 
+    @property
+    def splits_dense(self) -> bool:
+        """Attention heads and the vocabulary are split (`--tp`), not whole on every rank."""
+        return self.active and not self.expert_only
+
+    @property
+    def flag(self) -> str:
+        return "--ep" if self.expert_only else "--tp"
+
     # ---- placement ---------------------------------------------------------------------------------
-    def _part(self, total: int) -> range:
+    def _part(self, total: int, dense: bool = True) -> range:
+        if dense and not self.splits_dense:
+            return range(total)
         return range(*_part_bounds(self.rank, self.world_size, total))
 
     def heads(self, config: ModelConfig) -> range:
@@ -108,13 +131,13 @@ class Parallel:
     def kv_heads(self, config: ModelConfig) -> range:
         """The kv heads this rank's query heads read: K/N of them, or one shared by N/K ranks when N > K."""
         K, N = config.num_key_value_heads, self.world_size
-        if N <= K:
+        if N <= K or not self.splits_dense:
             return self._part(K)
         first = self.rank // (N // K)
         return range(first, first + 1)
 
     def experts(self, config: ModelConfig) -> range:
-        return self._part(config.num_local_experts)
+        return self._part(config.num_local_experts, dense=False)
 
     def vocab(self, config: ModelConfig) -> range:
         return self._part(config.vocab_size)
@@ -123,7 +146,7 @@ class Parallel:
         """The config of the attention this rank runs: its heads only (what the KV pool and the kernels
         size themselves by); experts and vocabulary keep their whole counts (the router and the gathered
         logits span them all)."""
-        if not self.active:
+        if not self.splits_dense:
             return config
         return dataclasses.replace(
             config, num_attention_heads=len(self.heads(config)), num_key_value_heads=len(self.kv_heads(config))
@@ -131,7 +154,7 @@ class Parallel:
 
     def shard_info(self, info: LinearInfo, config: ModelConfig) -> LinearInfo:
         """The module as this rank stores it."""
-        if not self.active:
+        if not self.active or (self.expert_only and info.kind not in EXPERT_KINDS):
             return info
         D = config.head_dim
         if info.kind == "q_proj":
@@ -151,6 +174,8 @@ class Parallel:
         if not self.active:
             return WHOLE
         module, _, part = name.rpartition(".")
+        if self.expert_only:
+            return _rows(self.experts(config), 1) if _kinds(config).get(module) in EXPERT_KINDS else WHOLE
         if part == "sinks":
             return _rows(self.heads(config), 1)
         kind = _kinds(config).get(module)
@@ -191,7 +216,7 @@ class Parallel:
         if not getattr(type(ops).moe, "partial_experts", False):
             name = getattr(ops, "name", type(ops).__name__)
             raise OssqError(
-                f"--tp {self.world_size} runs with the torch or triton ops (the {name!r} ops compute the whole "
+                f"{self.flag} {self.world_size} runs with the torch or triton ops (the {name!r} ops compute the whole "
                 "expert stack); pass --ops torch or leave --ops out"
             )
 
@@ -199,14 +224,16 @@ class Parallel:
         """Fail, before any work, when the model cannot be split `world_size` ways."""
         if not self.active:
             return
-        N, c = self.world_size, config
-        for what, count in (
-            ("attention heads", c.num_attention_heads),
-            ("experts", c.num_local_experts),
-            ("vocabulary rows", c.vocab_size),
-        ):
+        N, c, flag = self.world_size, config, self.flag
+        split = [("attention heads", c.num_attention_heads)] if self.splits_dense else []
+        split.append(("experts", c.num_local_experts))
+        if self.splits_dense:
+            split.append(("vocabulary rows", c.vocab_size))
+        for what, count in split:
             if count % N:
-                raise ConfigError(f"--tp {N} does not divide the model's {count} {what}; choose a divisor of {count}")
+                raise ConfigError(f"{flag} {N} does not divide the model's {count} {what}; choose a divisor of {count}")
+        if not self.splits_dense:
+            return
         K = c.num_key_value_heads
         if K % N and N % K:
             raise ConfigError(f"--tp {N} and the model's {K} kv heads: one must divide the other")
@@ -226,10 +253,49 @@ class Parallel:
             dist.all_reduce(x, group=self.group)
         return x
 
+    def reduce_heads(self, x: Tensor) -> Tensor:
+        """o_proj's partial products of this rank's heads summed over the ranks (under --tp)."""
+        return self.all_reduce(x) if self.splits_dense else x
+
+    def step_rows(self, n: int) -> list[int] | None:
+        """Under --ep, every rank's row count for the step being run (one small all-gather per forward,
+        which the ranks' mixtures of experts then share); None otherwise."""
+        if not (self.active and self.expert_only):
+            return None
+        t = torch.tensor([n], dtype=torch.int64, device=self._collective_device())
+        parts = [torch.empty_like(t) for _ in range(self.world_size)]
+        dist.all_gather(parts, t, group=self.group)
+        return [int(p.item()) for p in parts]
+
+    def moe(self, ops: Ops, h: Tensor, mlp: Any, rows: list[int] | None, **kw: Any) -> Tensor:
+        """The mixture of experts of h (N, C) over every rank's experts. Under --tp every rank holds the
+        same rows: its experts' partial sums are all-reduced. Under --ep (`rows`: step_rows) each rank holds
+        its own rows: the ranks' rows are gathered (each padded to the longest), every rank applies its
+        experts to all of them, the partial sums are all-reduced and each rank keeps its own rows."""
+        if rows is None:
+            return self.all_reduce(ops.moe(h, mlp, **kw))
+        width = max(rows)
+        if width == 0:
+            return h
+        padded = h.new_zeros(width, h.shape[1])
+        padded[: h.shape[0]] = h
+        parts = [torch.empty_like(padded) for _ in rows]
+        dist.all_gather(parts, padded, group=self.group)
+        y = self.all_reduce(ops.moe(torch.cat(parts), mlp, **kw))
+        return y[self.rank * width : self.rank * width + h.shape[0]]
+
+    def any_rank(self, busy: bool) -> bool:
+        """Whether any rank is `busy`: under --ep the ranks step together while one has work."""
+        if not (self.active and self.expert_only):
+            return busy
+        t = torch.tensor([int(busy)], dtype=torch.int64, device=self._collective_device())
+        dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self.group)
+        return bool(t.item())
+
     def embedding(self, ops: Ops, ids: Tensor, emb: QuantizedWeight, dtype: torch.dtype) -> Tensor:
         """Vocabulary-parallel lookup of ids (N,) → (N, C): this rank gathers the rows of its slice, a token
         outside it gets zeros here and its row from the rank that holds it (an exact all-reduce: x + 0)."""
-        if not self.active:
+        if not self.splits_dense:
             return ops.embedding(ids, emb, dtype)
         n = emb.weight.shape[0]
         local = ids - self.rank * n
@@ -239,11 +305,19 @@ class Parallel:
 
     def gather_logits(self, logits: Tensor) -> Tensor:
         """(R, V/N) of this rank's vocabulary → (R, V) on every rank."""
-        if not self.active:
+        if not self.splits_dense:
             return logits
         parts = [torch.empty_like(logits) for _ in range(self.world_size)]
         dist.all_gather(parts, logits.contiguous(), group=self.group)
         return torch.cat(parts, dim=-1)
+
+    def gather(self, value: Any) -> list[Any]:
+        """Every rank's `value` (any picklable object), in rank order, on every rank."""
+        if not self.active:
+            return [value]
+        every: list[Any] = [None] * self.world_size
+        dist.all_gather_object(every, value, group=self.group)
+        return every
 
     def agree(self, value: Any) -> Any:
         """Rank 0's `value` (any picklable object) on every rank: a random seed, a decision."""
@@ -283,15 +357,16 @@ class Parallel:
 SINGLE = Parallel()
 
 
-def check_checkpoint(path_or_repo: str | Path, tp: int, ops: str | None = None) -> None:
-    """Fail before any rank starts when the checkpoint cannot be split `tp` ways, or `ops` cannot run a
-    shard (reads only the checkpoint's config and tensor headers)."""
+def check_checkpoint(path_or_repo: str | Path, tp: int, ops: str | None = None, *, expert_only: bool = False) -> None:
+    """Fail before any rank starts when the checkpoint cannot be split `tp` ways (only its experts, with
+    `expert_only`), or `ops` cannot run a shard (reads only the checkpoint's config and tensor headers)."""
     if tp == 1:
         return
-    Parallel(world_size=tp).check_ops(ops)
+    layout = Parallel(world_size=tp, expert_only=expert_only)
+    layout.check_ops(ops)
     ckpt = Checkpoint(path_or_repo)
     try:
-        Parallel(world_size=tp).check(ckpt.config, ckpt.specs)
+        layout.check(ckpt.config, ckpt.specs)
     finally:
         ckpt.close()
 

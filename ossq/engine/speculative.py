@@ -70,10 +70,12 @@ MIN_ACCEPT_CHANCE = 0.3
 RATE_DECAY = 0.8  # weight of the past in the running acceptance counts
 # While drafting cannot pay, a request still drafts at every PROBE_EVERY-th output position.
 PROBE_EVERY = 16
-# A verification step in plain decode steps on CUDA: it runs eagerly where a decode step replays a CUDA
-# graph (20b 4-bit on the H200: 15.6 ms against 2.4 ms, benchmarks/speculative-h200.md). Elsewhere both run
-# eagerly.
-CUDA_VERIFY_COST = 6.5
+# A verification step in plain decode steps on CUDA. Both replay CUDA graphs now, but K + 1 tokens route
+# to up to 4(K + 1) experts where one token reads 4, and the mixture of experts is half a 20b step: 20b
+# 4-bit on the H200 with n-gram drafts, K fixed, a drafting step cost 2.57 plain steps at K = 2 and 3.01
+# at K = 4 (benchmarks/speculative-h200.md; 6.5 while verification ran eagerly). On the CPU both run
+# eagerly and the weights dominate: 1.
+CUDA_VERIFY_COST = 2.8
 # Salts xor-ed into a request's seed: independent noise streams for the draft model's draws, the accept
 # tests and the resamples (below 2**62, so a seed stays inside int64).
 DRAFT_SALT, ACCEPT_SALT, RESAMPLE_SALT = 0x2545F4914F6CDD1D, 0x1D8E4E27C47D124F, 0x3C6EF372FE94F82B

@@ -7,7 +7,10 @@ engine thread (serve/worker.py). At most `max_num_seqs + max_queue` requests are
 a request is answered 429 at once. A client that disconnects cancels its request, and its KV blocks
 are free before the next engine step. Errors are OpenAI's shape (serve/protocol.py); a bad request is
 a 4xx, never a 500, and never touches another request. Under `--tp N` this process is rank 0, and the
-engine thread's calls reach the other ranks' engines too (serve/mirror.py).
+engine thread's calls reach the other ranks' engines too (serve/mirror.py). Under `--dp N` the server
+holds N engine replicas, each with its own thread, and sends every request to the replica whose prefix
+cache holds most of its prompt (a conversation's next turn goes where its last one ran), unless that
+replica is a whole batch busier than the idlest.
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ import secrets
 import signal
 import socket
 import threading
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 
@@ -54,7 +57,7 @@ from ossq.serve.protocol import (
     stop_strings,
 )
 from ossq.serve.responses import ResponseBuilder, ResponseStore, new_id
-from ossq.serve.worker import Accepted, EngineWorker, Failed, Finished, Job, Logprob, Token
+from ossq.serve.worker import Accepted, EngineWorker, Failed, Finished, Job, Logprob, Token, WorkerStats
 from ossq.tokenizer import Tokenizer, o200k_harmony
 
 log = logging.getLogger("ossq.serve")
@@ -72,11 +75,25 @@ class ServeConfig:
 
 
 @dataclass
-class _State:
+class _Replica:
+    """One engine and its thread (`--dp`: one of several, alike)."""
+
     engine: Engine
+    mirror: Mirror | None = None
+    worker: EngineWorker | None = None
+    in_flight: int = 0
+
+    def cached_blocks(self, prompt: Sequence[int]) -> int:
+        """Full blocks of `prompt` in this replica's prefix cache (a read of the engine thread's index:
+        at worst out of date by a step, which only makes a routing choice less good)."""
+        return len(self.engine.blocks.match(prompt)[0])
+
+
+@dataclass
+class _State:
+    replicas: list[_Replica]
     tokenizer: Tokenizer
     config: ServeConfig
-    worker: EngineWorker | None = None
     store: ResponseStore = field(default_factory=ResponseStore)
     in_flight: int = 0
     started: int = field(default_factory=now)
@@ -84,8 +101,26 @@ class _State:
     rejected: int = 0  # 429s
 
     @property
+    def engine(self) -> Engine:
+        """The first replica's engine: every replica has the same model and settings."""
+        return self.replicas[0].engine
+
+    @property
+    def workers(self) -> list[EngineWorker]:
+        return [r.worker for r in self.replicas if r.worker is not None]
+
+    @property
     def limit(self) -> int:
-        return self.engine.config.max_num_seqs + self.config.max_queue
+        return len(self.replicas) * self.engine.config.max_num_seqs + self.config.max_queue
+
+    def route(self, prompt: Sequence[int]) -> _Replica:
+        """The replica holding the longest cached prefix of `prompt` among those less than a batch
+        (max_num_seqs) busier than the idlest; the idler of equals."""
+        if len(self.replicas) == 1:
+            return self.replicas[0]
+        idlest = min(r.in_flight for r in self.replicas)
+        fair = [r for r in self.replicas if r.in_flight < idlest + self.engine.config.max_num_seqs]
+        return max(fair, key=lambda r: (r.cached_blocks(prompt), -r.in_flight))
 
     def check_model(self, name: str | None) -> None:
         if name is not None and name != self.config.model_name:
@@ -124,6 +159,7 @@ class _Generation:
 
     def __init__(self, state: _State, job: Job, endpoint: str) -> None:
         self.state, self.job, self.endpoint = state, job, endpoint
+        self.replica = state.route(job.prompt)
         self.outcome = _Outcome(prompt_tokens=len(job.prompt))
         self._admitted = self._done = False
 
@@ -138,8 +174,9 @@ class _Generation:
                 code="rate_limit_exceeded",
             )
         state.in_flight += 1
+        self.replica.in_flight += 1
         self._admitted = True
-        state.worker.submit(self.job)
+        self.replica.worker.submit(self.job)
         try:
             event = await self.job.events.get()
         except BaseException:
@@ -175,10 +212,11 @@ class _Generation:
         """The handler is done: cancel the request if it still runs, and leave the in-flight count."""
         if not self._done:
             self._done = True
-            self.state.worker.cancel(self.job)
+            self.replica.worker.cancel(self.job)
         if self._admitted:
             self._admitted = False
             self.state.in_flight -= 1
+            self.replica.in_flight -= 1
 
 
 def _failure(error: Exception) -> ApiError:
@@ -289,18 +327,24 @@ def _completion_logprobs(lps: list[Logprob]) -> dict:
 
 
 # ---- the app ----------------------------------------------------------------------------------------------
-def create_app(engine: Engine, tokenizer: Tokenizer, config: ServeConfig, mirror: Mirror | None = None) -> FastAPI:
-    """The app over `engine`, which its engine thread changes through `mirror` (default: alone)."""
-    state = _State(engine, tokenizer, config)
+def create_app(
+    engines: Engine | Sequence[Engine], tokenizer: Tokenizer, config: ServeConfig, mirror: Mirror | None = None
+) -> FastAPI:
+    """The app over `engines` (one, or the `--dp` replicas), each changed by its own engine thread;
+    the first through `mirror` (default: alone; under --tp there is one engine)."""
+    engines = [engines] if isinstance(engines, Engine) else list(engines)
+    state = _State([_Replica(e, mirror if i == 0 else None) for i, e in enumerate(engines)], tokenizer, config)
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI):
-        state.worker = EngineWorker(engine, asyncio.get_running_loop(), mirror)
-        state.worker.start()
+        for r in state.replicas:
+            r.worker = EngineWorker(r.engine, asyncio.get_running_loop(), r.mirror)
+            r.worker.start()
         try:
             yield
         finally:
-            state.worker.stop(timeout=config.shutdown_timeout)
+            for w in state.workers:
+                w.stop(timeout=config.shutdown_timeout)
 
     app = FastAPI(title="ossq", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.ossq = state
@@ -351,7 +395,7 @@ def _open_routes(state: _State) -> APIRouter:
 
     @router.get("/health")
     async def health() -> JSONResponse:
-        ok = state.worker is not None and state.worker.alive
+        ok = len(state.workers) == len(state.replicas) and all(w.alive for w in state.workers)
         return JSONResponse({"status": "ok" if ok else "unavailable"}, status_code=200 if ok else 503)
 
     @router.get("/metrics")
@@ -614,7 +658,7 @@ def _end_response(state, gen, completion, builder, req, items) -> list[dict]:
 
 # ---- /metrics -----------------------------------------------------------------------------------------------
 def _metrics(state: _State) -> str:
-    s = state.worker.stats if state.worker else None
+    s = WorkerStats.total([w.stats for w in state.workers]) if state.workers else None
     lines: list[str] = []
 
     def metric(name: str, kind: str, help_text: str, samples: list[tuple[str, float]]) -> None:
@@ -634,6 +678,13 @@ def _metrics(state: _State) -> str:
         "Generations the server holds (running, queued or being admitted).",
         [("", state.in_flight)],
     )
+    if len(state.replicas) > 1:
+        metric(
+            "replica_requests_in_flight",
+            "gauge",
+            "Of those, each --dp replica's.",
+            [(f'{{replica="{i}"}}', r.in_flight) for i, r in enumerate(state.replicas)],
+        )
     if s is not None:
         metric(
             "requests_finished_total",
@@ -679,8 +730,8 @@ class _Server(uvicorn.Server):
         self.state = state
 
     async def on_tick(self, counter: int) -> bool:
-        worker = self.state.worker
-        return await super().on_tick(counter) or (worker is not None and worker.error is not None)
+        failed = any(w.error is not None for w in self.state.workers)
+        return await super().on_tick(counter) or failed
 
     async def startup(self, sockets=None) -> None:
         await super().startup(sockets=sockets)
@@ -702,7 +753,7 @@ class _Server(uvicorn.Server):
 
 
 def serve(
-    engine: Engine,
+    engine: Engine | Sequence[Engine],
     tokenizer: Tokenizer,
     config: ServeConfig,
     sock: socket.socket,
@@ -714,8 +765,12 @@ def serve(
     in-flight requests finish for up to `config.shutdown_timeout` seconds, cancel what is left and
     return. The "listening on" line printed once the app is up names the address. Under --tp
     (`parallel`, rank 0) the other ranks run `mirror.follow` meanwhile, and are stopped on the way out;
-    an engine thread that lost them ends the server with its ParallelError."""
-    app = create_app(engine, tokenizer, config, Mirror(engine, parallel))
+    an engine thread that lost them ends the server with its ParallelError. A sequence of engines is
+    the `--dp` replicas (module docstring)."""
+    engines = [engine] if isinstance(engine, Engine) else list(engine)
+    if parallel.active and len(engines) > 1:
+        raise OssqError("--dp with --tp is not supported; choose one")
+    app = create_app(engines, tokenizer, config, Mirror(engines[0], parallel))
     log_config = copy.deepcopy(uvicorn.config.LOGGING_CONFIG)
     log_config["loggers"]["ossq"] = {"handlers": ["default"], "level": log_level.upper(), "propagate": False}
     server = _Server(
@@ -733,11 +788,12 @@ def serve(
         server.run(sockets=[sock])
     finally:
         sock.close()
-        worker = app.state.ossq.worker
-        if worker is not None:  # a forced exit skips the lifespan's shutdown: the followers still hear stop
+        workers = app.state.ossq.workers
+        for worker in workers:  # a forced exit skips the lifespan's shutdown: the followers still hear stop
             worker.stop(timeout=config.shutdown_timeout)
-    if worker is not None and worker.error is not None:
-        raise worker.error
+    for worker in workers:
+        if worker.error is not None:
+            raise worker.error
 
 
 def listen(host: str, port: int) -> socket.socket:

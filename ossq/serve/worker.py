@@ -17,10 +17,13 @@ is fatal instead: the ranks may no longer agree, so the thread fails what runs, 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import queue
 import threading
+from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -106,6 +109,26 @@ class WorkerStats:
     @property
     def prefix_cache_hit_rate(self) -> float:
         return self.cached_tokens / self.prompt_tokens if self.prompt_tokens else 0.0
+
+    @classmethod
+    def total(cls, stats: Sequence[WorkerStats]) -> WorkerStats:
+        """Several engine threads' stats summed field by field (`--dp` replicas)."""
+        out = cls()
+        for s in stats:
+            for f in dataclasses.fields(cls):
+                setattr(out, f.name, _add(getattr(out, f.name), getattr(s, f.name)))
+        return out
+
+
+def _add(a: Any, b: Any) -> Any:
+    """a + b for the kinds of WorkerStats' fields: numbers, counts by key, speculation totals (None: none)."""
+    if b is None:
+        return a
+    if isinstance(b, dict):
+        return {k: a.get(k, 0) + b.get(k, 0) for k in {*a, *b}}
+    if isinstance(b, SpecStats):
+        return SpecStats(*(getattr(a, f.name, 0) + getattr(b, f.name) for f in dataclasses.fields(SpecStats)))
+    return a + b
 
 
 class EngineWorker:
