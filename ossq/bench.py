@@ -162,6 +162,7 @@ class ModelBench:
     batches: dict[int, BatchStats | str] = field(default_factory=dict)
     bytes_per_token: int | None = None  # what a batch-1 decode step of the main run reads (module docstring)
     speculative: SpecBench | str | None = None  # with a draft model: the speculative run, or its error
+    routed_per_rank: list[int] | None = None  # under --ep: (token, expert) pairs each rank's experts served
 
 
 @dataclass(frozen=True)
@@ -287,6 +288,8 @@ def _row(m: ModelBench, context: Sequence[int], batch: Sequence[int], copy_gbps:
         failed["speculative"] = m.speculative
     if failed:
         row["context_errors"] = failed
+    if m.routed_per_rank is not None:
+        row["routed_per_rank"] = m.routed_per_rank
     return row
 
 
@@ -428,7 +431,11 @@ def _bench_model(name: str, ckpt: Checkpoint, job: _Job) -> ModelBench:
     try:
         job.log(f"{name}: loading")
         size, params, bpw = checkpoint_facts(ckpt)
-        model, _ = load(ckpt.root, device=str(job.device), ops=job.ops, parallel=job.parallel)
+        parallel = job.parallel
+        if parallel.active and parallel.expert_only:  # count where the tokens went
+            routed = torch.zeros(ckpt.config.num_local_experts, dtype=torch.int64, device=job.device)
+            parallel = replace(parallel, routed=routed)
+        model, _ = load(ckpt.root, device=str(job.device), ops=job.ops, parallel=parallel)
         engine = Engine(model, job.engine)
         job.log(
             f"{name}: {job.prompt_tokens}-token prompt, {job.gen_tokens} tokens, {job.repeats} repeats, "
@@ -443,7 +450,10 @@ def _bench_model(name: str, ckpt: Checkpoint, job: _Job) -> ModelBench:
         del engine  # its KV pool, before the speculative engine makes two
         engine = None
         spec = _speculative(model, job, meter, name) if job.draft_model is not None else None
-        return ModelBench(name, path, None, size, params, bpw, main, contexts, batches, read, spec)
+        routed = parallel.routed_per_rank()
+        if routed is not None:
+            job.log(f"{name}: (token, expert) pairs per rank: {', '.join(f'{n:,}' for n in routed)}")
+        return ModelBench(name, path, None, size, params, bpw, main, contexts, batches, read, spec, routed)
     except MODEL_ERRORS as e:
         job.log(f"{name}: [red]{_describe(e)}[/red]")
         return ModelBench(name, path, error=_describe(e))

@@ -416,4 +416,8 @@ def test_bench_with_ep_2_or_drafting_under_tp_2_measures(tiny_checkpoint, tmp_pa
     assert main([*argv, "--warmup", "0", "--batch", "1,2", *flags, "--json", str(out)]) == 0
     report = json.loads(out.read_text())
     assert report["settings"][flags[0].removeprefix("--")] == 2
-    assert not report["rows"][0].get("error") and report["rows"][0]["model"] == "tiny"
+    row = report["rows"][0]
+    assert not row.get("error") and row["model"] == "tiny"
+    if flags[0] == "--ep":  # every (token, expert) pair is counted once, on the rank whose expert took it
+        routed = row["routed_per_rank"]
+        assert len(routed) == 2 and all(n > 0 for n in routed) and sum(routed) % 4 == 0  # top-4: pairs of 4

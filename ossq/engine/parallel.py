@@ -104,6 +104,7 @@ class Parallel:
     group: Any = None
     device: str | None = None
     expert_only: bool = False
+    routed: Tensor | None = None  # under --ep, if given: (E,) int64 pairs routed to each expert, on the device
 
     @property
     def active(self) -> bool:
@@ -281,8 +282,22 @@ class Parallel:
         padded[: h.shape[0]] = h
         parts = [torch.empty_like(padded) for _ in rows]
         dist.all_gather(parts, padded, group=self.group)
+        if self.routed is not None:
+            self._count_routes(ops, [p[:n] for p, n in zip(parts, rows, strict=True)], mlp, kw["top_k"])
         y = self.all_reduce(ops.moe(torch.cat(parts), mlp, **kw))
         return y[self.rank * width : self.rank * width + h.shape[0]]
+
+    def _count_routes(self, ops: Ops, parts: list[Tensor], mlp: Any, top_k: int) -> None:
+        """Add the step's (token, expert) pairs to `routed`, every rank's rows (not the padding): the
+        router run once more, on the device, with no read back."""
+        top = ops.linear(torch.cat(parts), mlp.router).topk(top_k, dim=-1).indices
+        self.routed.add_(torch.bincount(top.flatten(), minlength=self.routed.numel()))
+
+    def routed_per_rank(self) -> list[int] | None:
+        """The pairs counted in `routed` that each rank's experts served (one read back); None: not counted."""
+        if self.routed is None:
+            return None
+        return self.routed.view(self.world_size, -1).sum(1).tolist()  # rank r: experts r·E/N … (r+1)·E/N
 
     def any_rank(self, busy: bool) -> bool:
         """Whether any rank is `busy`: under --ep the ranks step together while one has work."""
