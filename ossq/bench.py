@@ -163,6 +163,7 @@ class ModelBench:
     bytes_per_token: int | None = None  # what a batch-1 decode step of the main run reads (module docstring)
     speculative: SpecBench | str | None = None  # with a draft model: the speculative run, or its error
     routed_per_rank: list[int] | None = None  # under --ep: (token, expert) pairs each rank's experts served
+    routed_per_expert: list[list[int]] | None = None  # ... and by layer and expert (for --ep-placement)
 
 
 @dataclass(frozen=True)
@@ -289,7 +290,7 @@ def _row(m: ModelBench, context: Sequence[int], batch: Sequence[int], copy_gbps:
     if failed:
         row["context_errors"] = failed
     if m.routed_per_rank is not None:
-        row["routed_per_rank"] = m.routed_per_rank
+        row["routed_per_rank"], row["routed_per_expert"] = m.routed_per_rank, m.routed_per_expert
     return row
 
 
@@ -433,7 +434,8 @@ def _bench_model(name: str, ckpt: Checkpoint, job: _Job) -> ModelBench:
         size, params, bpw = checkpoint_facts(ckpt)
         parallel = job.parallel
         if parallel.active and parallel.expert_only:  # count where the tokens went
-            routed = torch.zeros(ckpt.config.num_local_experts, dtype=torch.int64, device=job.device)
+            shape = (ckpt.config.num_hidden_layers, ckpt.config.num_local_experts)
+            routed = torch.zeros(shape, dtype=torch.int64, device=job.device)
             parallel = replace(parallel, routed=routed)
         model, _ = load(ckpt.root, device=str(job.device), ops=job.ops, parallel=parallel)
         engine = Engine(model, job.engine)
@@ -453,7 +455,8 @@ def _bench_model(name: str, ckpt: Checkpoint, job: _Job) -> ModelBench:
         routed = parallel.routed_per_rank()
         if routed is not None:
             job.log(f"{name}: (token, expert) pairs per rank: {', '.join(f'{n:,}' for n in routed)}")
-        return ModelBench(name, path, None, size, params, bpw, main, contexts, batches, read, spec, routed)
+        result = ModelBench(name, path, None, size, params, bpw, main, contexts, batches, read, spec, routed)
+        return replace(result, routed_per_expert=parallel.routed_per_expert())
     except MODEL_ERRORS as e:
         job.log(f"{name}: [red]{_describe(e)}[/red]")
         return ModelBench(name, path, error=_describe(e))

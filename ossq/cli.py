@@ -216,6 +216,13 @@ def _add_tp(p: argparse.ArgumentParser) -> None:
         help="expert parallel for throughput: the experts split over this many ranks, attention and the "
         "vocabulary whole on each, every rank running its own share of the requests (docs/engine.md)",
     )
+    p.add_argument(
+        "--ep-placement",
+        default=None,
+        metavar="FILE",
+        help="with --ep: place each layer's experts to balance the routing recorded by `ossq bench --ep ... "
+        "--json FILE` (or a JSON routing histogram or placement; docs/engine.md)",
+    )
 
 
 def _add_speculative(p: argparse.ArgumentParser) -> None:
@@ -882,7 +889,29 @@ def cmd_generate(args: argparse.Namespace) -> int:
     ranks = _ranks(args)
     # a model that cannot be split fails before any rank starts
     check_checkpoint(args.model, ranks, args.ops, expert_only=args.ep > 1)
+    args.placement = _placement(args, [args.model])
     return launch(_generate, args, tp=ranks, device=args.device)
+
+
+def _placement(args: argparse.Namespace, models: list[str]) -> tuple[tuple[int, ...], ...] | None:
+    """--ep-placement read and checked against every model, before any rank starts."""
+    if args.ep_placement is None:
+        return None
+    if args.ep < 2:
+        raise InvalidArgument("ep_placement", "--ep-placement places the experts of --ep N; pass --ep too")
+    from ossq.engine.parallel import read_placement
+    from ossq.formats.hf import Checkpoint
+
+    placements = set()
+    for model in models:
+        ckpt = Checkpoint(model)
+        try:
+            placements.add(read_placement(args.ep_placement, ckpt.config, args.ep))
+        finally:
+            ckpt.close()
+    if len(placements) > 1:
+        raise InvalidArgument("ep_placement", "--ep-placement gives one placement; bench these models apart")
+    return placements.pop()
 
 
 def _ranks(args: argparse.Namespace) -> int:
@@ -917,7 +946,7 @@ def _generate(parallel, args: argparse.Namespace) -> int:
     from ossq.engine.generate import generate
 
     if args.ep > 1:
-        parallel = dataclasses.replace(parallel, expert_only=True)
+        parallel = dataclasses.replace(parallel, expert_only=True, placement=args.placement)
     sampling, chat, config = parallel.sampling(_sampling(args)), _chat(args), _engine_config(args)
     model, tokenizer = _load(args, parallel)
     engine = _engine(args, model, parallel.engine_config(config, model))
@@ -1007,6 +1036,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     ranks = _ranks(args)
     for model in args.models:
         check_checkpoint(model, ranks, args.ops, expert_only=args.ep > 1)
+    args.placement = _placement(args, args.models)
     return launch(_bench, args, tp=ranks, device=args.device)
 
 
@@ -1015,7 +1045,7 @@ def _bench(parallel, args: argparse.Namespace) -> int:
     from ossq.bench import bench
 
     if args.ep > 1:
-        parallel = dataclasses.replace(parallel, expert_only=True)
+        parallel = dataclasses.replace(parallel, expert_only=True, placement=args.placement)
     result = bench(
         args.models,
         prompt_tokens=args.prompt_tokens,

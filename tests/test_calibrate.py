@@ -194,19 +194,27 @@ def keep_vocab_recipe(tmp_path_factory):
     return path
 
 
-@pytest.mark.parametrize("method", ["gptq", "awq"])
+@pytest.mark.parametrize("method", ["gptq", "awq", "target-bpw"])
 def test_mlx_lm_loads_calibrated_output_and_it_runs_like_our_engine(
     method, tiny_checkpoint, calib_text, keep_vocab_recipe, tmp_path
 ):
+    """target-bpw: the allocator's mixed bits and groups, rounded with GPTQ, in mlx-lm's per-module
+    quantization config."""
     mx = pytest.importorskip("mlx.core")
     mlx_lm_utils = pytest.importorskip("mlx_lm.utils")
     from ossq.engine.load import load_model
 
     out = tmp_path / method
-    convert(
-        tiny_checkpoint, out, quantize=True, quant_predicate=str(keep_vocab_recipe), experts="quantize",
-        calibrate=method, calib_data=str(calib_text), calib_tokens=256, progress=False,
+    if method == "target-bpw":
+        how = dict(target_bpw=4.5, max_bits=6, calibrate="gptq")
+    else:
+        how = dict(quant_predicate=str(keep_vocab_recipe), calibrate=method)
+    report = convert(
+        tiny_checkpoint, out, quantize=True, experts="quantize", calib_data=str(calib_text), calib_tokens=256,
+        progress=False, **how,
     )  # fmt: skip
+    if method == "target-bpw":
+        assert report.bits_per_weight <= 4.5
     model, _ = mlx_lm_utils.load_model(out)
     tokens = [200, 1000, 5000, 70000, 3, 42, 9000, 12]
     theirs = np.array(model(mx.array(tokens)[None]).astype(mx.float32))[0]

@@ -345,13 +345,15 @@ def test_generate_with_tp_2_and_a_draft_prints_what_one_process_prints(tiny_chec
 EP_CHECKPOINTS = ("hf-mxfp4", "mlx-bf16", "a3g64", "a5g32")
 
 
-def run_ep(parallel: Parallel, paths: dict[str, str]) -> dict[str, tuple[list[torch.Tensor], list[list[int]]]]:
+def run_ep(
+    parallel: Parallel, paths: dict[str, str], placement: tuple | None = None
+) -> dict[str, tuple[list[torch.Tensor], list[list[int]]]]:
     """Rank r runs prompts r, r + N, … (so the ranks' steps differ in rows, and one rank runs out of work
     first) → per checkpoint, on rank 0, the logits of each rank's first prompt and all greedy tokens, in
-    prompt order."""
+    prompt order. `placement`: each layer's slot order of the experts (--ep-placement)."""
     import dataclasses
 
-    parallel = dataclasses.replace(parallel, expert_only=True)
+    parallel = dataclasses.replace(parallel, expert_only=True, placement=placement)
     mine = list(range(parallel.rank, len(PROMPTS), parallel.world_size))
     out = {}
     for name, path in paths.items():
@@ -369,15 +371,18 @@ def run_ep(parallel: Parallel, paths: dict[str, str]) -> dict[str, tuple[list[to
     return out
 
 
-@pytest.mark.parametrize("ep", [2, 3])
+@pytest.mark.parametrize("ep", [2, 3, "2, placed"])
 def test_ep_gives_one_process_greedy_tokens_and_logits(checkpoints, ep):
-    """--ep 3 of a 4-expert model is refused; with 6 experts it would run: here 3 checks the refusal."""
+    """--ep 3 of a 4-expert model is refused; with 6 experts it would run: here 3 checks the refusal.
+    "placed": every layer's experts in another order across the ranks (each rank's experts no longer
+    contiguous, the router's outputs permuted alike), which must change nothing."""
     paths = {k: checkpoints[k] for k in EP_CHECKPOINTS}
     if ep == 3:
         with pytest.raises(ConfigError, match="--ep 3 does not divide the model's 4 experts"):
             check_checkpoint(paths["hf-mxfp4"], 3, expert_only=True)
         return
-    got = launch(run_ep, paths, tp=ep)
+    placement = ((3, 0, 2, 1), (1, 3, 0, 2)) if ep == "2, placed" else None
+    got = launch(run_ep, paths, placement, tp=2)
     for name, path in paths.items():
         model, _ = load_model(path, dtype=torch.float32, ops="torch")
         logits, tokens = got[name]
@@ -421,3 +426,37 @@ def test_bench_with_ep_2_or_drafting_under_tp_2_measures(tiny_checkpoint, tmp_pa
     if flags[0] == "--ep":  # every (token, expert) pair is counted once, on the rank whose expert took it
         routed = row["routed_per_rank"]
         assert len(routed) == 2 and all(n > 0 for n in routed) and sum(routed) % 4 == 0  # top-4: pairs of 4
+
+
+def test_balanced_placement_evens_the_ranks_load_and_reads_every_form(tmp_path, tiny_checkpoint):
+    from ossq.engine.parallel import balanced_placement, read_placement
+
+    placed = balanced_placement([[10, 9, 1, 0], [0, 0, 5, 5]], 2)
+    assert placed == ((0, 3, 1, 2), (0, 2, 1, 3))  # loads 10 + 0 against 9 + 1; 0 + 5 against 0 + 5
+    config = Checkpoint(tiny_checkpoint).config
+    L, E = config.num_hidden_layers, config.num_local_experts
+    routed = [[(7 * layer + e) % 5 for e in range(E)] for layer in range(L)]
+    report = tmp_path / "bench.json"
+    report.write_text(json.dumps({"rows": [{"routed_per_expert": routed}]}))
+    assert read_placement(report, config, 2) == balanced_placement(routed, 2)
+    explicit = tmp_path / "placement.json"
+    explicit.write_text(json.dumps({"placement": [list(reversed(range(E)))] * L}))
+    assert read_placement(explicit, config, 2) == (tuple(reversed(range(E))),) * L
+    for bad in ({"placement": [[0] * E] * L}, {"routed": [[1] * (E + 1)] * L}, [1, 2]):
+        (tmp_path / "bad.json").write_text(json.dumps(bad))
+        with pytest.raises(ConfigError, match="--ep-placement"):
+            read_placement(tmp_path / "bad.json", config, 2)
+
+
+def test_generate_with_a_placement_from_bench_prints_what_one_process_prints(tiny_checkpoint, capfd, tmp_path):
+    report = tmp_path / "bench.json"
+    argv = ["bench", "-m", str(tiny_checkpoint), "--prompt-tokens", "8", "--gen-tokens", "4", "--repeats", "1"]
+    assert main([*argv, "--warmup", "0", "--ep", "2", "--json", str(report)]) == 0
+    capfd.readouterr()
+    prompt = ["generate", "-m", str(tiny_checkpoint), "-p", "Tell me a story", "--max-tokens", "6", "--temp", "0"]
+    assert main(prompt) == 0
+    one = capfd.readouterr().out.splitlines()
+    assert main([*prompt, "--ep", "2", "--ep-placement", str(report)]) == 0
+    assert capfd.readouterr().out.splitlines()[:2] == one[:2]
+    assert main([*prompt, "--ep-placement", str(report)]) == 2
+    assert "pass --ep too" in capfd.readouterr().err

@@ -433,6 +433,8 @@ def _token_rows(chunks: list[SeqChunk], device: torch.device) -> tuple[list[SeqC
     keys as one multi-token chunk would."""
     if any(len(c.tokens) > GRAPH_CHUNK_TOKENS for c in chunks):
         return None
+    if all(len(c.tokens) == 1 and c.logits_from == c.start for c in chunks):
+        return chunks, None  # a plain decode step: the chunks are the rows
     rows: list[SeqChunk] = []
     wanted: list[int] = []
     for c in chunks:

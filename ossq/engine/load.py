@@ -19,7 +19,7 @@ import torch
 from ossq.device import default_dtype, resolve_device
 from ossq.engine.model import GptOss
 from ossq.engine.ops import Ops, select_ops
-from ossq.engine.parallel import SINGLE, Parallel
+from ossq.engine.parallel import SINGLE, Parallel, Shard
 from ossq.errors import CheckpointError
 from ossq.formats.hf import Checkpoint
 
@@ -47,12 +47,21 @@ def load_model(
         for name in ckpt.names():
             shard = parallel.shard(name, ckpt.expected[name], ckpt.config)
             if not shard.zero:  # zero: the buffer stays as allocated (engine/parallel.py)
-                _fill(buffers[name], ckpt.read(name, shard.index(len(ckpt.expected[name]))), name)
+                _fill(buffers[name], _read(ckpt, name, shard), name)
         del buffers  # prepare may replace buffers: the old ones must go as it does
     finally:
         ckpt.close()
     ops.prepare(model)
     return model.eval(), ckpt.root
+
+
+def _read(ckpt: Checkpoint, name: str, shard: Shard) -> torch.Tensor:
+    """What `shard` selects of tensor `name`: a region, or rows in a given order (one read per row)."""
+    ndim = len(ckpt.expected[name])
+    if shard.rows is None:
+        return ckpt.read(name, shard.index(ndim))
+    rest = (slice(None),) * (ndim - 1)
+    return torch.cat([ckpt.read(name, (slice(i, i + 1), *rest)) for i in shard.rows])
 
 
 def _fill(target: torch.Tensor, source: torch.Tensor, name: str) -> None:

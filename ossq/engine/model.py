@@ -151,7 +151,7 @@ class MLP(nn.Module):
 class Block(nn.Module):
     def __init__(self, config: ModelConfig, layer: int, make: LinearBuilder, ops: Ops) -> None:
         super().__init__()
-        self.config, self.ops, self.parallel = config, ops, make.parallel
+        self.config, self.ops, self.parallel, self.layer = config, ops, make.parallel, layer
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.self_attn = Attention(config, layer, make, ops)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
@@ -172,7 +172,7 @@ class Block(nn.Module):
         """The mixture of experts, summed over the ranks' experts (engine/parallel.py)."""
         c = self.config
         kw = dict(top_k=c.num_experts_per_tok, limit=c.swiglu_limit, alpha=c.swiglu_alpha)
-        return self.parallel.moe(self.ops, h, self.mlp, rows, **kw)
+        return self.parallel.moe(self.ops, h, self.mlp, rows, layer=self.layer, **kw)
 
 
 class Body(nn.Module):

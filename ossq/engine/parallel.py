@@ -79,6 +79,7 @@ class Shard:
     start: int = 0
     stop: int = 0
     zero: bool = False
+    rows: tuple[int, ...] | None = None  # these rows of the first axis, in this order (--ep-placement)
 
     def index(self, ndim: int) -> tuple[slice, ...] | None:
         """The slices that select the shard from the whole tensor, for Checkpoint.read; None: whole."""
@@ -104,7 +105,10 @@ class Parallel:
     group: Any = None
     device: str | None = None
     expert_only: bool = False
-    routed: Tensor | None = None  # under --ep, if given: (E,) int64 pairs routed to each expert, on the device
+    # under --ep: each layer's slot order of its experts (rank r holds slots r·E/N … (r+1)·E/N; None:
+    # expert i in slot i), and, if given, (layers, E) int64 pairs routed to each slot, on the device
+    placement: tuple[tuple[int, ...], ...] | None = None
+    routed: Tensor | None = None
 
     @property
     def active(self) -> bool:
@@ -176,7 +180,13 @@ class Parallel:
             return WHOLE
         module, _, part = name.rpartition(".")
         if self.expert_only:
-            return _rows(self.experts(config), 1) if _kinds(config).get(module) in EXPERT_KINDS else WHOLE
+            kind, layer = _kinds(config).get(module), _layers(config).get(module)
+            if self.placement is not None and kind == "router":  # its outputs in slot order
+                return Shard(axis=0, rows=self.placement[layer])
+            if self.placement is not None and kind in EXPERT_KINDS:
+                slots = self.experts(config)
+                return Shard(axis=0, rows=self.placement[layer][slots.start : slots.stop])
+            return _rows(self.experts(config), 1) if kind in EXPERT_KINDS else WHOLE
         if part == "sinks":
             return _rows(self.heads(config), 1)
         kind = _kinds(config).get(module)
@@ -268,7 +278,7 @@ class Parallel:
         dist.all_gather(parts, t, group=self.group)
         return [int(p.item()) for p in parts]
 
-    def moe(self, ops: Ops, h: Tensor, mlp: Any, rows: list[int] | None, **kw: Any) -> Tensor:
+    def moe(self, ops: Ops, h: Tensor, mlp: Any, rows: list[int] | None, layer: int = 0, **kw: Any) -> Tensor:
         """The mixture of experts of h (N, C) over every rank's experts. Under --tp every rank holds the
         same rows: its experts' partial sums are all-reduced. Under --ep (`rows`: step_rows) each rank holds
         its own rows: the ranks' rows are gathered (each padded to the longest), every rank applies its
@@ -283,21 +293,34 @@ class Parallel:
         parts = [torch.empty_like(padded) for _ in rows]
         dist.all_gather(parts, padded, group=self.group)
         if self.routed is not None:
-            self._count_routes(ops, [p[:n] for p, n in zip(parts, rows, strict=True)], mlp, kw["top_k"])
+            self._count_routes(ops, [p[:n] for p, n in zip(parts, rows, strict=True)], mlp, kw["top_k"], layer)
         y = self.all_reduce(ops.moe(torch.cat(parts), mlp, **kw))
         return y[self.rank * width : self.rank * width + h.shape[0]]
 
-    def _count_routes(self, ops: Ops, parts: list[Tensor], mlp: Any, top_k: int) -> None:
-        """Add the step's (token, expert) pairs to `routed`, every rank's rows (not the padding): the
+    def _count_routes(self, ops: Ops, parts: list[Tensor], mlp: Any, top_k: int, layer: int) -> None:
+        """Add the step's (token, slot) pairs to `routed[layer]`, every rank's rows (not the padding): the
         router run once more, on the device, with no read back."""
         top = ops.linear(torch.cat(parts), mlp.router).topk(top_k, dim=-1).indices
-        self.routed.add_(torch.bincount(top.flatten(), minlength=self.routed.numel()))
+        self.routed[layer].add_(torch.bincount(top.flatten(), minlength=self.routed.shape[1]))
 
     def routed_per_rank(self) -> list[int] | None:
         """The pairs counted in `routed` that each rank's experts served (one read back); None: not counted."""
         if self.routed is None:
             return None
-        return self.routed.view(self.world_size, -1).sum(1).tolist()  # rank r: experts r·E/N … (r+1)·E/N
+        return self.routed.sum(0).view(self.world_size, -1).sum(1).tolist()  # rank r: slots r·E/N … (r+1)·E/N
+
+    def routed_per_expert(self) -> list[list[int]] | None:
+        """`routed` by layer and expert id (slots mapped back through the placement); None: not counted."""
+        if self.routed is None:
+            return None
+        counts = self.routed.tolist()
+        if self.placement is None:
+            return counts
+        out = [[0] * len(c) for c in counts]
+        for layer, (row, order) in enumerate(zip(counts, self.placement, strict=True)):
+            for slot, expert in enumerate(order):
+                out[layer][expert] = row[slot]
+        return out
 
     def any_rank(self, busy: bool) -> bool:
         """Whether any rank is `busy`: under --ep the ranks step together while one has work."""
@@ -398,3 +421,53 @@ def _part_bounds(rank: int, world_size: int, total: int) -> tuple[int, int]:
 @functools.lru_cache(maxsize=4)
 def _kinds(config: ModelConfig) -> dict[str, str]:
     return {m.path: m.kind for m in linear_modules(config)}
+
+
+@functools.lru_cache(maxsize=4)
+def _layers(config: ModelConfig) -> dict[str, int | None]:
+    return {m.path: m.layer for m in linear_modules(config)}
+
+
+# ---- --ep-placement ----------------------------------------------------------------------------------------
+def balanced_placement(routed: list[list[int]], ranks: int) -> tuple[tuple[int, ...], ...]:
+    """Each layer's slot order that gives every rank E/N experts and loads them as evenly as the routing
+    histogram `routed` (layers × E pairs) allows: the busiest expert first, each to the least-loaded rank
+    with room (longest-processing-time first); each rank's experts in id order."""
+    out = []
+    for counts in routed:
+        room = len(counts) // ranks
+        load, held = [0] * ranks, [[] for _ in range(ranks)]
+        for expert in sorted(range(len(counts)), key=lambda e: (-counts[e], e)):
+            r = min((r for r in range(ranks) if len(held[r]) < room), key=lambda r: (load[r], r))
+            load[r] += counts[expert]
+            held[r].append(expert)
+        out.append(tuple(e for h in held for e in sorted(h)))
+    return tuple(out)
+
+
+def read_placement(path: str | Path, config: ModelConfig, ranks: int) -> tuple[tuple[int, ...], ...]:
+    """--ep-placement FILE → each layer's slot order. FILE is `ossq bench --ep … --json` output (its first
+    row's `routed_per_expert`), {"routed": [[pairs per expert] per layer]}, or {"placement": [[expert ids
+    in slot order] per layer]}."""
+    import json
+
+    L, E = config.num_hidden_layers, config.num_local_experts
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise ConfigError(f"--ep-placement {path}: cannot read it as JSON ({e})") from None
+    if isinstance(data, dict) and isinstance(data.get("rows"), list) and data["rows"]:
+        data = {"routed": data["rows"][0].get("routed_per_expert")}
+    key = next((k for k in ("placement", "routed") if isinstance(data, dict) and k in data), None)
+    table = data.get(key) if key else None
+    shape_ok = isinstance(table, list) and len(table) == L and all(isinstance(r, list) and len(r) == E for r in table)
+    if not shape_ok or not all(isinstance(v, int) and v >= 0 for r in table for v in r):
+        raise ConfigError(
+            f'--ep-placement {path}: expected a bench --ep JSON report, or {{"routed"|"placement": '
+            f"[{L} lists of {E} non-negative integers]}} for this model's {L} layers of {E} experts"
+        )
+    if key == "routed":
+        return balanced_placement(table, ranks)
+    if any(sorted(r) != list(range(E)) for r in table):
+        raise ConfigError(f"--ep-placement {path}: each layer's placement must list every expert 0..{E - 1} once")
+    return tuple(tuple(r) for r in table)
