@@ -38,6 +38,14 @@ def tiny_checkpoint(tmp_path_factory):
     return synthesize(tmp_path_factory.mktemp("ckpt") / "tiny", config="tiny", seed=0, max_shard_bytes=20_000_000)
 
 
+@pytest.fixture(scope="module")
+def oracle(tiny_checkpoint):
+    """tiny_checkpoint loaded in this process: what one request alone generates (the servers' oracle)."""
+    import ossq
+
+    return ossq.load(tiny_checkpoint, device="cpu")
+
+
 @pytest.fixture(scope="session")
 def small_checkpoint(tmp_path_factory):
     """Like tiny_checkpoint but with a 512-token vocabulary: quick to load and to compare."""

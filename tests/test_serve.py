@@ -109,14 +109,6 @@ def server(tiny_checkpoint):
     s.stop()
 
 
-@pytest.fixture(scope="module")
-def oracle(tiny_checkpoint):
-    """The same checkpoint loaded in this process: what one request alone generates."""
-    import ossq
-
-    return ossq.load(tiny_checkpoint, device="cpu")
-
-
 GREEDY = {"temperature": 0.0}
 MODEL = "tiny"  # the served name: the checkpoint directory's
 

@@ -25,13 +25,6 @@ def server(tiny_checkpoint):
     s.stop()
 
 
-@pytest.fixture(scope="module")
-def oracle(tiny_checkpoint):
-    import ossq
-
-    return ossq.load(tiny_checkpoint, device="cpu")
-
-
 def test_two_replicas_give_every_request_what_one_process_gives(server, oracle):
     prompts = [f"Replica check {i}: count to {i + 3}." for i in range(6)]
     client = server.async_client()

@@ -43,13 +43,6 @@ def server(tiny_checkpoint):
     s.stop()
 
 
-@pytest.fixture(scope="module")
-def oracle(tiny_checkpoint):
-    import ossq
-
-    return ossq.load(tiny_checkpoint, device="cpu")
-
-
 def test_concurrent_requests_under_tp_2_give_what_one_process_gives(server, oracle):
     """Six requests for four sequence slots (so some wait), greedy and seeded, beside an unseeded sampled
     one and a response_format one: every checked text is the oracle's."""
