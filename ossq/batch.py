@@ -125,7 +125,7 @@ def run_prompts_file(
     lines = read_prompts(
         prompts_file, tokenizer, max_tokens=max_tokens, sampling=sampling, reasoning_effort=reasoning_effort
     )
-    split = parallel.active and parallel.expert_only
+    split = parallel.lockstep
     if split and engine is None:
         raise OssqError("under --ep pass the engine of the rank's model (its peers step with it)")
     mine = list(range(parallel.rank, len(lines), parallel.world_size)) if split else list(range(len(lines)))

@@ -433,7 +433,7 @@ def _bench_model(name: str, ckpt: Checkpoint, job: _Job) -> ModelBench:
         job.log(f"{name}: loading")
         size, params, bpw = checkpoint_facts(ckpt)
         parallel = job.parallel
-        if parallel.active and parallel.expert_only:  # count where the tokens went
+        if parallel.lockstep:  # count where the tokens went
             shape = (ckpt.config.num_hidden_layers, ckpt.config.num_local_experts)
             routed = torch.zeros(shape, dtype=torch.int64, device=job.device)
             parallel = replace(parallel, routed=routed)

@@ -105,7 +105,7 @@ class Engine:
         graph_rows = min(c.max_num_seqs * GRAPH_CHUNK_TOKENS, model.ops.graph_tokens(mc))  # _token_rows
         graph_seqs = graph_rows if model.device.type == "cuda" else 0
         # under --ep a step's shapes depend on the other ranks' rows (Parallel.step_rows): no graphs
-        self.lockstep = model.parallel.active and model.parallel.expert_only
+        self.lockstep = model.parallel.lockstep
         graphs = c.cuda_graphs and graph_seqs > 0 and not self.lockstep
         self.peers_busy = False  # under --ep: whether some rank had work at the last step
         # with graphs, one more block takes the padding rows' writes; the block manager never hands it out

@@ -120,6 +120,11 @@ class Parallel:
         return self.active and not self.expert_only
 
     @property
+    def lockstep(self) -> bool:
+        """Ranks run requests of their own (`--ep`), so they must agree on every step's rows."""
+        return self.active and self.expert_only
+
+    @property
     def flag(self) -> str:
         return "--ep" if self.expert_only else "--tp"
 
@@ -180,7 +185,8 @@ class Parallel:
             return WHOLE
         module, _, part = name.rpartition(".")
         if self.expert_only:
-            kind, layer = _kinds(config).get(module), _layers(config).get(module)
+            info = _infos(config).get(module)
+            kind, layer = (info.kind, info.layer) if info else (None, None)
             if self.placement is not None and kind == "router":  # its outputs in slot order
                 return Shard(axis=0, rows=self.placement[layer])
             if self.placement is not None and kind in EXPERT_KINDS:
@@ -189,7 +195,7 @@ class Parallel:
             return _rows(self.experts(config), 1) if kind in EXPERT_KINDS else WHOLE
         if part == "sinks":
             return _rows(self.heads(config), 1)
-        kind = _kinds(config).get(module)
+        kind = info.kind if (info := _infos(config).get(module)) else None
         D = config.head_dim
         if kind == "q_proj":
             return _rows(self.heads(config), D)
@@ -271,7 +277,7 @@ class Parallel:
     def step_rows(self, n: int) -> list[int] | None:
         """Under --ep, every rank's row count for the step being run (one small all-gather per forward,
         which the ranks' mixtures of experts then share); None otherwise."""
-        if not (self.active and self.expert_only):
+        if not self.lockstep:
             return None
         t = torch.tensor([n], dtype=torch.int64, device=self._collective_device())
         parts = [torch.empty_like(t) for _ in range(self.world_size)]
@@ -324,7 +330,7 @@ class Parallel:
 
     def any_rank(self, busy: bool) -> bool:
         """Whether any rank is `busy`: under --ep the ranks step together while one has work."""
-        if not (self.active and self.expert_only):
+        if not self.lockstep:
             return busy
         t = torch.tensor([int(busy)], dtype=torch.int64, device=self._collective_device())
         dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self.group)
@@ -419,13 +425,8 @@ def _part_bounds(rank: int, world_size: int, total: int) -> tuple[int, int]:
 
 
 @functools.lru_cache(maxsize=4)
-def _kinds(config: ModelConfig) -> dict[str, str]:
-    return {m.path: m.kind for m in linear_modules(config)}
-
-
-@functools.lru_cache(maxsize=4)
-def _layers(config: ModelConfig) -> dict[str, int | None]:
-    return {m.path: m.layer for m in linear_modules(config)}
+def _infos(config: ModelConfig) -> dict[str, LinearInfo]:
+    return {m.path: m for m in linear_modules(config)}
 
 
 # ---- --ep-placement ----------------------------------------------------------------------------------------
