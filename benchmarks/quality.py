@@ -12,6 +12,7 @@ a row with its error; the rest still run. Run by benchmarks/quality.sh.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import shutil
 import time
@@ -19,6 +20,7 @@ import traceback
 from pathlib import Path
 from typing import Any
 
+DWQ_TOKENS, DWQ_STEPS = 32768, 400
 RTN = {f"q{b}g{g}": {"q_bits": b, "q_group_size": g, "experts": "quantize"} for b in (3, 4, 6, 8) for g in (32, 64)}
 VARIANTS: dict[str, dict[str, Any]] = {
     **RTN,
@@ -34,57 +36,91 @@ VARIANTS: dict[str, dict[str, Any]] = {
     # the tiered recipe's own size on this model (its embedding and lm_head make it far more than 3.6)
     "target-tiered": {"target_bpw": "tiered", "experts": "quantize"},
     "target-tiered-gptq": {"target_bpw": "tiered", "experts": "quantize", "calibrate": "gptq"},
+    # distillation (quant/dwq.py) wants more text than GPTQ: these see 32k calibration tokens, as does the
+    # GPTQ-only row they are compared with
+    "target-4.25-gptq-32k": {
+        "target_bpw": 4.25,
+        "experts": "quantize",
+        "calibrate": "gptq",
+        "calib_tokens": DWQ_TOKENS,
+    },
+    **{
+        f"{name}-dwq{'' if lr == 1e-3 else f'-lr{lr:g}'}": {
+            **base,
+            "calib_tokens": DWQ_TOKENS,
+            "distill": DWQ_STEPS,
+            "distill_lr": lr,
+        }
+        for name, base in (
+            ("gptq-q4g64", {**RTN["q4g64"], "calibrate": "gptq"}),
+            ("gptq-q3g64", {**RTN["q3g64"], "calibrate": "gptq"}),
+            ("target-4.25-gptq", {"target_bpw": 4.25, "experts": "quantize", "calibrate": "gptq"}),
+            ("target-4.0-gptq", {"target_bpw": 4.0, "experts": "quantize", "calibrate": "gptq"}),
+            ("target-3.6-gptq", {"target_bpw": 3.6, "experts": "quantize", "calibrate": "gptq"}),
+        )
+        for lr in (1e-3, 3e-3)
+    },
 }
 
 
-def convert_all(work: Path, names: list[str], args: argparse.Namespace) -> dict[str, dict[str, Any]]:
-    """Each variant converted into work/variants/NAME; → name → {path, bits_per_weight, bytes, seconds} or
-    {error}."""
+def convert_one(work: Path, name: str, done: dict[str, dict[str, Any]], args: argparse.Namespace) -> dict[str, Any]:
+    """Variant `name` converted into work/variants/NAME → {path, bits_per_weight, bytes, convert_seconds}
+    or {error}; `done` holds the variants converted before it (target-tiered needs tiered's size)."""
     from ossq.convert import convert
 
-    out: dict[str, dict[str, Any]] = {}
-    for name in names:
-        kwargs = dict(VARIANTS[name])
-        if kwargs.get("target_bpw") == "tiered":
-            if "bits_per_weight" not in out.get("tiered", {}):
-                out[name] = {"error": "needs the tiered variant converted first (list it before this one)"}
-                continue
-            kwargs["target_bpw"] = out["tiered"]["bits_per_weight"]
-        if "calibrate" in kwargs or "target_bpw" in kwargs:
-            kwargs.update(calib_data=str(work / "calib.txt"), calib_tokens=args.calib_tokens)
-        dest = work / "variants" / name
-        start = time.perf_counter()
-        try:
-            r = convert(work / "model", dest, quantize=True, force=True, progress=False, device=args.device, **kwargs)
-            out[name] = {"path": str(dest), "bits_per_weight": r.bits_per_weight, "bytes": r.output_bytes}
-        except Exception as e:  # a failed variant is a row, not the end of the run
-            traceback.print_exc()
-            out[name] = {"error": f"{type(e).__name__}: {e}"}
-        out[name]["convert_seconds"] = round(time.perf_counter() - start, 1)
-        print(f"{name}: {out[name]}", flush=True)
+    kwargs = dict(VARIANTS[name])
+    if kwargs.get("target_bpw") == "tiered":
+        if "bits_per_weight" not in done.get("tiered", {}):
+            return {"error": "needs the tiered variant converted first (list it before this one)"}
+        kwargs["target_bpw"] = done["tiered"]["bits_per_weight"]
+    if "calib_tokens" in kwargs:  # the distillation rows and their GPTQ-only twin
+        kwargs["calib_tokens"] = args.dwq_tokens
+    if "distill" in kwargs:
+        kwargs["distill"] = args.dwq_steps
+    if {"calibrate", "target_bpw", "distill"} & set(kwargs):
+        kwargs.setdefault("calib_tokens", args.calib_tokens)
+        kwargs.update(calib_data=str(work / "calib.txt"))
+    dest = work / "variants" / name
+    start = time.perf_counter()
+    try:
+        r = convert(work / "model", dest, quantize=True, force=True, progress=False, device=args.device, **kwargs)
+        out = {"path": str(dest), "bits_per_weight": r.bits_per_weight, "bytes": r.output_bytes}
+        if r.distilled:
+            out["distilled"] = dataclasses.asdict(r.distilled)
+    except Exception as e:  # a failed variant is a row, not the end of the run
+        traceback.print_exc()
+        out = {"error": f"{type(e).__name__}: {e}"}
+    out["convert_seconds"] = round(time.perf_counter() - start, 1)
+    print(f"{name}: {out}", flush=True)
     return out
 
 
-def score(work: Path, variants: dict[str, dict[str, Any]], args: argparse.Namespace) -> dict[str, Any]:
-    """`ossq ppl` of the unquantized checkpoint, then of each converted variant with KL against it, one
-    variant per call so that each row is printed (and the table rewritten) as soon as it is measured."""
+def run(work: Path, names: list[str], args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, Any]]:
+    """`ossq ppl` of the unquantized checkpoint, then each variant converted and scored with KL against
+    it in turn, so that each row is printed (and the table rewritten) as soon as it is measured and a run
+    cut short keeps what it measured; → (variants, rows)."""
     from ossq.perplexity import perplexity
 
     reference = str(work / "model")
     settings = dict(data=str(work / "heldout.txt"), window=args.window, max_tokens=args.eval_tokens)
     settings.update(device=args.device, ops=args.ops, progress=False)
+    variants: dict[str, dict[str, Any]] = {}
     rows: dict[str, Any] = {}
     reports: list[dict[str, Any]] = []
-    for name, path in [("unquantized", reference), *((n, v["path"]) for n, v in variants.items() if "path" in v)]:
-        start = time.perf_counter()
-        kl = {} if path == reference else {"kl_reference": reference}
-        report = perplexity([path], **settings, **kl)
-        rows.update({r.model: r.row() for r in report.results})
-        reports.append(report.report.to_dict())
-        print(f"scored {name} in {time.perf_counter() - start:.1f} s: {rows[path]}", flush=True)
-        (args.out / "ppl.json").write_text(json.dumps(reports, indent=2, default=str))
+    for name in [None, *names]:
+        if name is not None:
+            variants[name] = convert_one(work, name, variants, args)
+        path = reference if name is None else variants[name].get("path")
+        if path is not None:
+            start = time.perf_counter()
+            kl = {} if path == reference else {"kl_reference": reference}
+            report = perplexity([path], **settings, **kl)
+            rows.update({r.model: r.row() for r in report.results})
+            reports.append(report.report.to_dict())
+            print(f"scored {name or 'unquantized'} in {time.perf_counter() - start:.1f} s: {rows[path]}", flush=True)
+            (args.out / "ppl.json").write_text(json.dumps(reports, indent=2, default=str))
         write_table(variants, rows, work, args)
-    return rows
+    return variants, rows
 
 
 def write_table(variants: dict[str, dict[str, Any]], rows: dict[str, Any], work: Path, args: argparse.Namespace) -> str:
@@ -183,6 +219,8 @@ def main() -> None:
     p.add_argument("--window", type=int, default=512)
     p.add_argument("--eval-tokens", type=int, default=32_768)
     p.add_argument("--calib-tokens", type=int, default=8192)
+    p.add_argument("--dwq-tokens", type=int, default=DWQ_TOKENS, help="calibration tokens of the -dwq rows")
+    p.add_argument("--dwq-steps", type=int, default=DWQ_STEPS, help="distillation steps of the -dwq rows")
     p.add_argument("--only", nargs="*", default=None, help="variants to run (default: all)")
     p.add_argument("--keep", action="store_true", help="keep the converted variants on disk")
     p.add_argument("--drafts", nargs="*", default=[], help="drafts to measure speculative acceptance with")
@@ -194,8 +232,7 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     names = args.only or list(VARIANTS)
     args.start = time.perf_counter()
-    variants = convert_all(args.work, names, args)
-    rows = score(args.work, variants, args)
+    variants, rows = run(args.work, names, args)
     print(write_table(variants, rows, args.work, args))
     if args.drafts:
         acceptance(args.work, variants, args)

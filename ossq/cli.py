@@ -323,6 +323,20 @@ def _add_convert(sub) -> None:
         default=None,
         help="with --target-bpw: no tensor above this many bits (2, 3, 4, 5, 6 or 8; default: up to bf16)",
     )
+    p.add_argument(
+        "--distill",
+        type=_int_in(1),
+        default=0,
+        metavar="STEPS",
+        help="then tune the affine scales and biases for STEPS steps to match the source's next-token "
+        "distributions on --calib-data (DWQ; ~200-500 steps, more --calib-tokens help)",
+    )
+    p.add_argument(
+        "--distill-lr",
+        type=_float_in("a positive number", lambda v: v > 0),
+        default=1e-3,
+        help="--distill's Adam learning rate, relative to each scale (default: 1e-3)",
+    )
     _add_device(p, "quantize on this device: cpu or cuda[:N] (default: cpu; cuda is faster, same bits)")
 
 
@@ -1025,6 +1039,8 @@ def cmd_convert(args: argparse.Namespace) -> int:
         calib_tokens=args.calib_tokens,
         target_bpw=args.target_bpw,
         max_bits=args.max_bits,
+        distill=args.distill,
+        distill_lr=args.distill_lr,
     )
     return 0
 

@@ -57,7 +57,7 @@ from ossq.formats.mlx import (
     staging,
     write_order,
 )
-from ossq.quant import affine, allocate, awq, gptq, mxfp4
+from ossq.quant import affine, allocate, awq, dwq, gptq, mxfp4
 from ossq.quant.recipe import Plan, Recipe, plan, render_table, resolve
 from ossq.quant.spec import QuantSpec
 
@@ -90,14 +90,22 @@ class ConvertReport:
     peak_rss_gb: float
     skipped: tuple[str, ...] = ()
     dry_run: bool = False
+    distilled: dwq.Result | None = None  # what --distill did
 
     def summary(self) -> str:
         verb = "would write" if self.dry_run else "wrote"
-        return (
+        text = (
             f"{verb} {self.path}: {self.output_bytes / 1e9:.2f} GB in {self.shards} shard(s) from "
             f"{self.source_bytes / 1e9:.2f} GB, {self.bits_per_weight:.3f} bits per weight, "
             f"{self.total_parameters:,} parameters, {self.seconds:.1f} s, peak RSS {self.peak_rss_gb:.2f} GB"
         )
+        if self.distilled:
+            d = self.distilled
+            text += (
+                f"; distilled: held-out KL {d.kl_before:.5f} → {d.kl_after:.5f} (step {d.best_step} of "
+                f"{d.steps}, {d.train_tokens:,} tokens trained on, {d.valid_tokens:,} held out, {d.seconds:.0f} s)"
+            )
+        return text
 
 
 @dataclass(frozen=True)
@@ -151,6 +159,8 @@ def convert(
     calib_tokens: int = 4096,
     target_bpw: float | None = None,
     max_bits: int | None = None,
+    distill: int = 0,
+    distill_lr: float = dwq.LEARNING_RATE,
 ) -> ConvertReport:
     """Convert the checkpoint at `hf_path` (directory or hub id) into an MLX checkpoint at `mlx_path`.
 
@@ -165,7 +175,9 @@ def convert(
     `calib_data` layer by layer (ossq/calibrate.py) and rounds every affine module with GPTQ, or with AWQ
     scales folded into the norms (quant/gptq.py, quant/awq.py); the output is the same plain MLX affine.
     `target_bpw` chooses each tensor's bits and group (quant/allocate.py), at most `max_bits` bits each
-    (None: bf16 allowed)."""
+    (None: bf16 allowed). `distill` > 0 then tunes every affine module's scales and biases for that many
+    steps (Adam at `distill_lr`) against the source's next-token distributions on the calibration text
+    (quant/dwq.py), in the staging directory, before it is published."""
     from rich.console import Console
 
     start = time.perf_counter()
@@ -177,6 +189,10 @@ def convert(
     if target_bpw is not None:
         _check_target(target_bpw, q_bits, q_group_size, quant_predicate, quantize=quantize, q_mode=q_mode)
         calibration = calibration or _calibration("rtn", calib_data, calib_tokens, quantize=True, q_mode=q_mode)
+    if distill:
+        calibration = calibration or _calibration(
+            "rtn", calib_data, calib_tokens, quantize=quantize, q_mode=q_mode, flag="--distill"
+        )
     work_device = resolve_device(device) if device is not None else torch.device("cpu")
     dest = Path(mlx_path).expanduser()
     if Path(hf_path).expanduser().is_dir():  # a hub id is checked once downloaded
@@ -204,11 +220,16 @@ def convert(
         _check_free_space(dest, job)
         for stale in remove_stale_staging(dest):
             console.print(f"note: removed {stale}, a staging directory left by an earlier conversion that was killed")
-        with staging(dest, replace=force) as tmp, _progress_bar(console, progress, job) as advance:
-            _write(ckpt, job, tmp, advance)
+        distilled = None
+        with staging(dest, replace=force) as tmp:
+            with _progress_bar(console, progress, job) as advance:
+                _write(ckpt, job, tmp, advance)
+            if distill:
+                distilled = _distill(ckpt, job, tmp, distill, distill_lr, console, progress)
     finally:
         ckpt.close()
     report = _report(job, ckpt, dest, start, output_bytes=_directory_bytes(dest))
+    report = dataclasses.replace(report, distilled=distilled)
     if progress:
         console.print(report.summary())
     return report
@@ -246,19 +267,19 @@ def _recipe(
 
 
 def _calibration(
-    method: str | None, data: str | None, tokens: int, *, quantize: bool, q_mode: str
+    method: str | None, data: str | None, tokens: int, *, quantize: bool, q_mode: str, flag: str | None = None
 ) -> Calibration | None:
     """Validate the calibration flags before anything is read; method "rtn" (only `--target-bpw`'s
-    measurements) is the Calibration without a method."""
+    measurements or `--distill`'s text, named by `flag`) is the Calibration without a method."""
     if method is None:
         return None
     if method not in (*CALIBRATIONS, "rtn"):
         raise OssqError(f"--calibrate must be one of {', '.join(CALIBRATIONS)}, not {method!r}")
+    flag = flag or ("--target-bpw" if method == "rtn" else f"--calibrate {method}")
     if not quantize:
-        raise UnsupportedQuantization(f"--calibrate {method} needs -q (quantize)")
+        raise UnsupportedQuantization(f"{flag} needs -q (quantize)")
     if q_mode != "affine":
-        raise UnsupportedQuantization(f"--calibrate {method} calibrates affine quantization, not --q-mode {q_mode}")
-    flag = "--target-bpw" if method == "rtn" else f"--calibrate {method}"
+        raise UnsupportedQuantization(f"{flag} calibrates affine quantization, not --q-mode {q_mode}")
     if data is None:
         raise OssqError(f"{flag} needs --calib-data FILE (text to run the model on)")
     if tokens < 16:
@@ -301,6 +322,38 @@ def _allocated(
     forward = Forward(_dense_reader(ckpt, ckpt.specs, device), ckpt.config, Tokens.of(ids, device))
     options = allocate.sensitivities(forward, ckpt.config, max_bits)
     return allocate.recipe(allocate.allocate(options, allocate.module_budget(ckpt.config, target)), target)
+
+
+def _distill(
+    ckpt: Checkpoint, job: Job, directory: Path, steps: int, lr: float, console: Console, progress: bool
+) -> dwq.Result:
+    """`--distill`: the checkpoint just written to `directory` (staging) tuned against the source on the
+    calibration text (quant/dwq.py), its scales and biases written over themselves in place."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    assert job.calibration is not None
+    ids = calibration_tokens(job.calibration, ckpt.config.vocab_size)
+    written = Checkpoint(directory)
+    try:
+        raw = lambda name: written.read(name)  # noqa: E731
+        student = dwq.Student(
+            written.config, written.specs, raw, _dense_reader(written, written.specs, job.device), job.device
+        )
+        spans = {n: (t.shard, *t.span) for n, t in written.files.tensors.items()}
+    finally:
+        written.close()
+    console.print(f"distilling {len(student.pairs)} modules' scales and biases on {len(ids):,} calibration tokens")
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
+    with Progress(*columns, console=console, disable=not progress) as bar:
+        task = bar.add_task("distilling", total=steps)
+
+        def on_step(step: int, kl: float | None) -> None:
+            bar.update(task, completed=step, description=None if kl is None else f"distilling, held-out KL {kl:.5f}")
+
+        teacher = _dense_reader(ckpt, ckpt.specs, job.device)
+        result = dwq.distill(student, teacher, ids, steps=steps, lr=lr, device=job.device, on_step=on_step)
+    dwq.overwrite(spans, student.stored())
+    return result
 
 
 def _config_dtype(raw: dict[str, Any]) -> str | None:

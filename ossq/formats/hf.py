@@ -130,7 +130,8 @@ def _first_line(e: BaseException) -> str:
 
 
 def _header(path: Path) -> dict[str, Any]:
-    """The safetensors header, checked against the file size so a truncated shard fails here, by name."""
+    """The safetensors header, checked against the file size so a truncated shard fails here, by name;
+    each entry's `data_offsets` made absolute (file offsets, past the header)."""
     size = path.stat().st_size
     with path.open("rb") as f:
         raw = f.read(8)
@@ -154,6 +155,8 @@ def _header(path: Path) -> dict[str, Any]:
         raise CheckpointError(f"{path.name}: corrupt safetensors header") from None
     if 8 + n + end > size:
         raise CheckpointError(f"{path.name}: truncated safetensors file ({size} bytes, its header needs {8 + n + end})")
+    for t in header.values():
+        t["data_offsets"] = [8 + n + int(o) for o in t["data_offsets"]]
     return header
 
 
@@ -162,6 +165,7 @@ class TensorInfo:
     shard: Path
     shape: tuple[int, ...]
     dtype: str
+    span: tuple[int, int]  # the data's byte offsets in the file
 
 
 class SafetensorsFiles:
@@ -174,7 +178,7 @@ class SafetensorsFiles:
         self.tensors: dict[str, TensorInfo] = {}
         for shard in self._shards():
             for key, t in _header(shard).items():
-                self.tensors[key] = TensorInfo(shard, tuple(t["shape"]), t["dtype"])
+                self.tensors[key] = TensorInfo(shard, tuple(t["shape"]), t["dtype"], tuple(t["data_offsets"]))
         self._open: dict[Path, Any] = {}
 
     def _shards(self) -> list[Path]:
