@@ -237,3 +237,84 @@ def test_sort_pairs_leaves_out_the_pairs_of_another_ranks_experts():
     for b, e in enumerate(block_expert.tolist()):
         rows = pairs[b * 16 : (b + 1) * 16]
         assert e == 4 and (rows == P).all() or (ids.reshape(-1)[rows[rows < P].long()] == e).all()
+
+
+# ------------------------------------------------------------------------- MXFP4 through tl.dot_scaled
+
+SAME = 1e-4 if CUDA else 1e-5  # two exact products summed in another order (float32 accumulators)
+SCALED_TOL = 1e-2  # the act rounded to bfloat16 (the interpreter's bfloat16 conversion truncates)
+
+
+def bf16_exact(t: torch.Tensor) -> torch.Tensor:
+    """t rounded to bfloat16 values, in t's dtype: what dot_scaled's bfloat16 operand sees unchanged."""
+    return t.bfloat16().to(t.dtype)
+
+
+@pytest.mark.parametrize(
+    "tokens, bias, swap, tiles",
+    [(1, True, False, {}), (3, False, True, dict(block_n=16, block_k=64)),
+     (3, True, False, dict(block_n=64, block_k=64)), (3, True, True, {})],
+)  # fmt: skip
+def test_scaled_decode_kernels_equal_the_decode_in_registers(tokens, bias, swap, tiles):
+    # C = 160: K steps of 64 end half masked (gate/up), I = 96: a 64-wide output tile half masked and the
+    # down product's last K step too; in the 3-token cases two pairs are another rank's expert (id −1).
+    st = stack(MXFP4, MXFP4, experts=8, hidden=160, inter=96, bias=bias)
+    x = bf16_exact(activations(tokens, 160, seed=tokens))
+    top_i, route = routing(tokens, 8, 4, seed=tokens)
+    if tokens > 1:
+        top_i[1, 2] = top_i[2, 0] = -1
+    idx, flat_route, real = top_i.reshape(-1), route.reshape(-1).float(), top_i.reshape(-1) >= 0
+    scaled = dict(scaled=True, swap=swap, **tiles)
+    act = moe.experts_gate_up(x, st, idx, 4, **KW, **scaled)
+    plain = moe.experts_gate_up(x, st, idx, 4, **KW, scaled=False, block_n=16)
+    assert rel_err(act[real], plain[real]) < SAME
+    act = bf16_exact(act.float())  # the down product's operand, so both paths multiply the same values
+    out = moe.experts_down(act, st, idx, flat_route, torch.empty_like(x), **scaled)
+    plain = moe.experts_down(act, st, idx, flat_route, torch.empty_like(x), scaled=False, block_n=16)
+    assert out.dtype == x.dtype and rel_err(out, plain) < SAME
+    ref = REF._experts_grouped(x.float(), float_stack(st), top_i.clamp(min=0), route * (top_i >= 0), **KW)
+    assert rel_err(moe.experts(x, st, top_i, route, **KW, **scaled), ref) < SCALED_TOL
+
+
+def test_the_environment_variable_turns_dot_scaled_on_for_mxfp4_stacks_only(monkeypatch):
+    affine = QuantSpec(4, 32)
+    monkeypatch.delenv(moe.DOT_ENV, raising=False)
+    assert not moe.use_scaled(None, MXFP4) and moe.use_scaled(True, MXFP4) and not moe.use_scaled(True, affine)
+    st = stack(MXFP4, affine, experts=4, hidden=64, inter=64, bias=True)  # gate/up MXFP4, down affine
+    x = activations(1, 64, seed=1)
+    top_i, route = routing(1, 4, 2, seed=1)
+    idx = top_i.reshape(-1)
+    act = moe.experts_gate_up(x, st, idx, 2, **KW, scaled=True)
+    out = moe.experts_down(act, st, idx, route.reshape(-1), torch.empty_like(x), scaled=True)
+    assert torch.equal(out, moe.experts_down(act, st, idx, route.reshape(-1), torch.empty_like(x), scaled=False))
+    monkeypatch.setenv(moe.DOT_ENV, "1")
+    assert moe.use_scaled(None, MXFP4) and not moe.use_scaled(None, affine) and not moe.use_scaled(False, MXFP4)
+    assert torch.equal(moe.experts_gate_up(x, st, idx, 2, **KW), act)
+    assert torch.equal(moe.experts(x, st, top_i, route, **KW), out)
+
+
+@pytest.mark.parametrize(
+    "tokens, experts, top_k, block_m, bias", [(1, 8, 4, None, True), (17, 8, 2, 16, False), (100, 8, 4, 64, True)]
+)
+def test_grouped_experts_through_dot_scaled(tokens, experts, top_k, block_m, bias):
+    # C = 160, I = 96 as above: the K steps and the output tiles end part masked
+    st = stack(MXFP4, MXFP4, experts=experts, hidden=160, inter=96, bias=bias)
+    x = bf16_exact(activations(tokens, 160, seed=tokens))
+    top_i, route = routing(tokens, experts, top_k, seed=tokens)
+    out = moe.grouped_experts(x, st, top_i, route, **KW, block_m=block_m, scaled=True)
+    ref = REF._experts_grouped(x.float(), float_stack(st), top_i, route, **KW)
+    assert out.dtype == x.dtype and rel_err(out, ref) < SCALED_TOL
+
+
+@pytest.mark.skipif(not CUDA, reason="20b shapes are too large for the interpreter")
+def test_dot_scaled_experts_in_bfloat16_at_20b_shapes():
+    st = stack(MXFP4, MXFP4, experts=32, hidden=2880, inter=2880, bias=True)
+    for tokens in (1, 2, 4, 8, 16, 256, 2048):  # the per-pair kernels (both operand orders), then grouped
+        x = activations(tokens, 2880, seed=tokens)
+        top_i, route = routing(tokens, 32, 4, seed=tokens)
+        ref = REF._experts_grouped(x.float(), float_stack(st), top_i, route, **KW)
+        runs = [moe.grouped_experts(x, st, top_i, route, **KW, scaled=True)]
+        if tokens <= 8:
+            runs += [moe.experts(x, st, top_i, route, **KW, scaled=True, swap=swap) for swap in (False, True)]
+        for out in runs:
+            assert out.dtype == x.dtype and rel_err(out, ref) < TOL, tokens
