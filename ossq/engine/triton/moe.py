@@ -14,16 +14,6 @@ stacks with the device-side expert ids:
 Each pair reads its own expert's matrices (as TorchOps' gathered path does), which is right while pairs
 are few (decode); larger steps take `grouped_experts`.
 
-Both kernels decode MXFP4 on the CUDA cores (qmm's `_values`, about nine instructions a weight), which
-holds them well below the copy bandwidth. `scaled` (default: the environment variable OSSQ_MXFP4_DOT=1;
-an experiment that benchmarks/moe_scaled.py decides) hands MXFP4 stacks to `tl.dot_scaled` instead: the
-packed E2M1 bytes and E8M0 scales go as stored to the compiler's own fp4 → bfloat16 upcast and the product
-runs on tensor cores. A pair is one row, so its activation is padded to a 16-row tile (rows 1–15 zero) and
-only row 0 of the product is kept; `swap` puts the weight on the left instead (its rows the M of the tile,
-the activation the 16 columns N, of which column 0 is kept), as tensor cores take their left operand from
-registers. The activations (x, act) are rounded to bfloat16 for the product; affine stacks always take
-the decode in registers.
-
 `grouped_experts` (batched decode of many sequences, prefill) reads each hit expert's packed weights once
 per BLOCK_M of its pairs rather than once per pair. The N·k pairs are sorted by expert on the device (a
 stable sort; each expert's bounds by binary search) and each expert's segment is padded to a multiple of
@@ -33,8 +23,7 @@ expert adds at most one partial block), so no shape depends on the routing and n
 host: the step can be captured in a CUDA graph. Three kernels:
 
 - `_grouped_gate_up_kernel`, grid (I tiles, blocks): the block's rows of x times the expert's gate and up
-  tiles, decoded in registers as qmm's `_qmm_kernel` does and fed to `tl.dot` (or, `scaled`, MXFP4 tiles
-  fed as stored to `tl.dot_scaled`, x rounded to bfloat16), biases added, the clamped
+  tiles, decoded in registers as qmm's `_qmm_kernel` does and fed to `tl.dot`, biases added, the clamped
   SwiGLU → act (N·k, I) at the pair rows, in x's dtype: the down product's `tl.dot` operand (half the bytes
   of float32 in bfloat16), rounded where TorchOps rounds its act;
 - `_grouped_down_kernel`, grid (C tiles, blocks): the block's act rows times the expert's down tile, plus
@@ -48,101 +37,20 @@ routing, so for given tiles a token's output has the same bits whatever the othe
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
 
 from ossq.engine.triton.launch import launch_args, wait_for_inputs
-from ossq.engine.triton.qmm import _row_matvec, _scales, _step, check_layout
-
-DOT_ENV = "OSSQ_MXFP4_DOT"  # "1": MXFP4 stacks take tl.dot_scaled (see the module docstring)
-DECODE_TILES = (8, 1024)  # (block_n, block_k): the fastest of benchmarks/kernels.py's sweep at one token, H200
-SCALED_TILES = (32, 256)  # the same for dot_scaled: a first guess until benchmarks/moe_scaled.py picks one
-
-
-@triton.jit
-def _rows(ptr, rows, m_mask, k0, K, BLOCK_K: tl.constexpr):
-    """(BM, BLOCK_K): elements k0 … k0 + BLOCK_K of the K-wide rows `rows` at ptr, zero past K and for
-    padding rows."""
-    offs_k = k0 + tl.arange(0, BLOCK_K)
-    ptr = ptr + rows[:, None].to(tl.int64) * K + offs_k[None, :]
-    return tl.load(ptr, mask=m_mask[:, None] & (offs_k < K)[None, :], other=0)
-
-
-@triton.jit
-def _e2m1_tile(w_ptr, s_ptr, offs_n, n_mask, k0, K, stride_wn, stride_sn, BLOCK_K: tl.constexpr):
-    """W[offs_n, k0 : k0 + BLOCK_K] of an MXFP4 stack as stored: E2M1 bytes (BN, BLOCK_K/2), two a byte along
-    K (element 2i in the low nibble of byte i, tl.dot_scaled's packing), and E8M0 scales (BN, BLOCK_K/32);
-    zero past K (byte 0 is +0)."""
-    offs_b = tl.arange(0, BLOCK_K // 2)
-    mask = n_mask[:, None] & (k0 + 2 * offs_b < K)[None, :]
-    w = tl.load(w_ptr + offs_n[:, None].to(tl.int64) * stride_wn + (k0 // 2 + offs_b)[None, :], mask=mask, other=0)
-    s, _ = _scales(s_ptr, s_ptr, offs_n, n_mask, k0, K, stride_sn, 32, True, BLOCK_K)
-    return w, s
-
-
-@triton.jit
-def _scaled_dot(acc, x, w, s, SWAP: tl.constexpr):
-    """acc + x (BM, BLOCK_K) · Wᵀ for a tile (w, s) of `_e2m1_tile`, through tl.dot_scaled with x rounded to
-    bfloat16 (fast_math: no NaN for the scale byte 255, which no quantizer here writes). acc is (BM, BN),
-    or with SWAP (BN, BM): the transposed product, the weight the left operand."""
-    x = x.to(tl.bfloat16)
-    if SWAP:  # (every static branch here is an if/else: the compiler also builds what follows a return)
-        acc = tl.dot_scaled(w, s, "e2m1", tl.trans(x), None, "bf16", acc=acc, fast_math=True)
-    else:
-        acc = tl.dot_scaled(x, None, "bf16", tl.trans(w), s, "e2m1", acc=acc, fast_math=True)
-    return acc
-
-
-@triton.jit
-def _scaled_matvec(x_ptr, w_ptr, s_ptr, offs_n, n_mask, K, stride_wn, stride_sn, BLOCK_N: tl.constexpr,
-                   BLOCK_K: tl.constexpr, SWAP: tl.constexpr):  # fmt: skip
-    """(BLOCK_N,) float32: rows offs_n of an MXFP4 W times the row x[:K], as row 0 of a 16-row tile whose
-    other rows are zero; the other rows of the product are dropped (a where, not a sum, so a non-finite
-    weight cannot leak into row 0 through 0·inf). As in qmm's `_row_matvec`, the next step's bytes are
-    requested before this step's product: Triton's pipeliner leaves these loads alone (they reach the dot
-    through the upcast, not as a plain operand)."""
-    first = tl.arange(0, 16) == 0
-    if SWAP:
-        acc = tl.zeros((BLOCK_N, 16), tl.float32)
-    else:
-        acc = tl.zeros((16, BLOCK_N), tl.float32)
-    w, s = _e2m1_tile(w_ptr, s_ptr, offs_n, n_mask, 0, K, stride_wn, stride_sn, BLOCK_K)
-    for k0 in range(0, K, BLOCK_K):
-        w_next, s_next = _e2m1_tile(w_ptr, s_ptr, offs_n, n_mask, k0 + BLOCK_K, K, stride_wn, stride_sn, BLOCK_K)
-        x = _rows(x_ptr, tl.zeros((16,), tl.int32), first, k0, K, BLOCK_K)
-        acc = _scaled_dot(acc, x, w, s, SWAP)
-        w, s = w_next, s_next
-    if SWAP:
-        y = tl.sum(tl.where(first[None, :], acc, 0.0), 1)
-    else:
-        y = tl.sum(tl.where(first[:, None], acc, 0.0), 0)
-    return y
-
-
-@triton.jit
-def _pair_matvec(x_row, w_ptr, s_ptr, b_ptr, offs_n, n_mask, K, stride_wn, stride_sn, BITS: tl.constexpr,
-                 G: tl.constexpr, MXFP4: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                 MAGIC: tl.constexpr, SCALED: tl.constexpr, SWAP: tl.constexpr):  # fmt: skip
-    """(BLOCK_N,) float32: rows offs_n of one expert's W times the row x_row[:K], on the CUDA cores or,
-    SCALED, through tl.dot_scaled."""
-    if SCALED:
-        y = _scaled_matvec(x_row, w_ptr, s_ptr, offs_n, n_mask, K, stride_wn, stride_sn, BLOCK_N, BLOCK_K, SWAP)
-    else:
-        y = _row_matvec(x_row, w_ptr, s_ptr, b_ptr, offs_n, n_mask, 0, K, stride_wn, stride_sn, BITS, G, MXFP4,
-                        BLOCK_N, BLOCK_K, MAGIC)  # fmt: skip
-    return y
+from ossq.engine.triton.qmm import _row_matvec, _step, check_layout
 
 
 @triton.jit
 def _gate_up_kernel(x_ptr, idx_ptr, gw, gs, gb, gbias, uw, us, ub, ubias, act_ptr, I, K, limit, alpha,
                     stride_xm, stride_we, stride_wn, stride_se, stride_sn, stride_bias_e, TOP_K: tl.constexpr,
                     BITS: tl.constexpr, G: tl.constexpr, MXFP4: tl.constexpr, HAS_BIAS: tl.constexpr,
-                    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, MAGIC: tl.constexpr, SCALED: tl.constexpr,
-                    SWAP: tl.constexpr, PDL: tl.constexpr):  # fmt: skip
+                    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, MAGIC: tl.constexpr, PDL: tl.constexpr):  # fmt: skip
     wait_for_inputs(PDL)
     pid_n = tl.program_id(0)
     pair = tl.program_id(1)
@@ -152,10 +60,10 @@ def _gate_up_kernel(x_ptr, idx_ptr, gw, gs, gb, gbias, uw, us, ub, ubias, act_pt
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         n_mask = offs_n < I
         w_off, s_off = expert * stride_we, expert * stride_se
-        g = _pair_matvec(x_row, gw + w_off, gs + s_off, gb + s_off, offs_n, n_mask, K, stride_wn, stride_sn, BITS,
-                         G, MXFP4, BLOCK_N, BLOCK_K, MAGIC, SCALED, SWAP)  # fmt: skip
-        u = _pair_matvec(x_row, uw + w_off, us + s_off, ub + s_off, offs_n, n_mask, K, stride_wn, stride_sn, BITS,
-                         G, MXFP4, BLOCK_N, BLOCK_K, MAGIC, SCALED, SWAP)  # fmt: skip
+        g = _row_matvec(x_row, gw + w_off, gs + s_off, gb + s_off, offs_n, n_mask, 0, K, stride_wn, stride_sn,
+                        BITS, G, MXFP4, BLOCK_N, BLOCK_K, MAGIC)  # fmt: skip
+        u = _row_matvec(x_row, uw + w_off, us + s_off, ub + s_off, offs_n, n_mask, 0, K, stride_wn, stride_sn,
+                        BITS, G, MXFP4, BLOCK_N, BLOCK_K, MAGIC)  # fmt: skip
         if HAS_BIAS:
             g += tl.load(gbias + expert * stride_bias_e + offs_n, mask=n_mask, other=0).to(tl.float32)
             u += tl.load(ubias + expert * stride_bias_e + offs_n, mask=n_mask, other=0).to(tl.float32)
@@ -169,7 +77,7 @@ def _gate_up_kernel(x_ptr, idx_ptr, gw, gs, gb, gbias, uw, us, ub, ubias, act_pt
 def _down_kernel(act_ptr, idx_ptr, route_ptr, dw, ds, db, dbias, out_ptr, C, I, stride_we, stride_wn, stride_se,
                  stride_sn, stride_bias_e, stride_om, TOP_K: tl.constexpr, BITS: tl.constexpr, G: tl.constexpr,
                  MXFP4: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                 MAGIC: tl.constexpr, SCALED: tl.constexpr, SWAP: tl.constexpr, PDL: tl.constexpr):  # fmt: skip
+                 MAGIC: tl.constexpr, PDL: tl.constexpr):  # fmt: skip
     wait_for_inputs(PDL)
     pid_n = tl.program_id(0)
     token = tl.program_id(1)
@@ -181,106 +89,21 @@ def _down_kernel(act_ptr, idx_ptr, route_ptr, dw, ds, db, dbias, out_ptr, C, I, 
         expert = tl.load(idx_ptr + pair).to(tl.int64)
         if expert >= 0:
             w_off, s_off = expert * stride_we, expert * stride_se
-            y = _pair_matvec(act_ptr + pair.to(tl.int64) * I, dw + w_off, ds + s_off, db + s_off, offs_n, n_mask, I,
-                             stride_wn, stride_sn, BITS, G, MXFP4, BLOCK_N, BLOCK_K, MAGIC, SCALED, SWAP)  # fmt: skip
+            y = _row_matvec(act_ptr + pair.to(tl.int64) * I, dw + w_off, ds + s_off, db + s_off, offs_n, n_mask,
+                            0, I, stride_wn, stride_sn, BITS, G, MXFP4, BLOCK_N, BLOCK_K, MAGIC)  # fmt: skip
             if HAS_BIAS:
                 y += tl.load(dbias + expert * stride_bias_e + offs_n, mask=n_mask, other=0).to(tl.float32)
             out += tl.load(route_ptr + pair) * y
     tl.store(out_ptr + token.to(tl.int64) * stride_om + offs_n, out.to(out_ptr.dtype.element_ty), mask=n_mask)
 
 
-def _stack_args(lin, k: int, scaled: bool = False) -> tuple:
-    """(weight, scales, biases, bias) pointers of an expert stack, placeholders where absent; the weight as
-    int32 words, or for `scaled` as the uint8 bytes tl.dot_scaled takes."""
+def _stack_args(lin, k: int) -> tuple:
+    """(weight, scales, biases, bias) pointers of an expert stack, placeholders where absent."""
     check_layout(lin.weight[0], lin.scales[0], None if lin.biases is None else lin.biases[0], lin.spec, k)
-    w = lin.weight.view(torch.uint8 if scaled else torch.int32)
+    w = lin.weight.view(torch.int32)
     biases = lin.scales if lin.biases is None else lin.biases
     bias = lin.scales if lin.bias is None else lin.bias
     return w, lin.scales, biases, bias
-
-
-def use_scaled(scaled: bool | None, spec) -> bool:
-    """Whether a stack stored in `spec` takes tl.dot_scaled: MXFP4 only, and `scaled` (None: DOT_ENV)."""
-    if scaled is None:
-        scaled = os.environ.get(DOT_ENV, "0") == "1"
-    return scaled and spec.mode == "mxfp4"
-
-
-def _decode_tiles(lin, k: int, scaled: bool, block_n: int | None, block_k: int | None) -> tuple[int, int]:
-    """(block_n, block_k) of one decode kernel: the path's defaults where None, no K step longer than the
-    row nor shorter than a group."""
-    bn, bk = SCALED_TILES if scaled else DECODE_TILES
-    bn, bk = block_n or bn, block_k or bk
-    assert not scaled or bn >= 16, "tl.dot tiles are at least 16 × 16"
-    return bn, max(min(bk, triton.next_power_of_2(k)), lin.spec.group_size)
-
-
-def experts_gate_up(
-    x: Tensor,
-    experts,
-    idx: Tensor,
-    top_k: int,
-    *,
-    limit: float,
-    alpha: float,
-    block_n: int | None = None,
-    block_k: int | None = None,
-    num_warps: int = 4,
-    magic: bool = True,
-    scaled: bool | None = None,
-    swap: bool = False,
-) -> Tensor:
-    """`experts`' first kernel alone: x (N, C) contiguous, expert ids idx (N·k,) → act (N·k, I) float32 (rows
-    of id −1 unwritten). Tiles and `scaled` as `experts`."""
-    gate, up = experts.gate_proj, experts.up_proj
-    assert gate.spec == up.spec and (gate.bias is None) == (up.bias is None)
-    N, C = x.shape
-    I = gate.weight.shape[1]
-    dot = use_scaled(scaled, gate.spec)
-    bn, bk = _decode_tiles(gate, C, dot, block_n, block_k)
-    act = torch.empty(N * top_k, I, dtype=torch.float32, device=x.device)
-    gw, gs, gb, gbias = _stack_args(gate, C, dot)
-    uw, us, ub, ubias = _stack_args(up, C, dot)
-    _gate_up_kernel[(triton.cdiv(I, bn), N * top_k)](
-        x, idx, gw, gs, gb, gbias, uw, us, ub, ubias, act, I, C, float(limit), float(alpha),
-        x.stride(0), gw.stride(0), gw.stride(1), gs.stride(0), gs.stride(1), gbias.stride(0),
-        TOP_K=top_k, BITS=gate.spec.bits, G=gate.spec.group_size, MXFP4=gate.spec.mode == "mxfp4",
-        HAS_BIAS=gate.bias is not None, BLOCK_N=bn, BLOCK_K=bk, MAGIC=magic, SCALED=dot, SWAP=swap,
-        num_warps=num_warps, **launch_args(x.device),
-    )  # fmt: skip
-    return act
-
-
-def experts_down(
-    act: Tensor,
-    experts,
-    idx: Tensor,
-    route: Tensor,
-    out: Tensor,
-    *,
-    block_n: int | None = None,
-    block_k: int | None = None,
-    num_warps: int = 4,
-    magic: bool = True,
-    scaled: bool | None = None,
-    swap: bool = False,
-) -> Tensor:
-    """`experts`' second kernel alone: act (N·k, I) float32, expert ids idx (N·k,), float32 routing weights
-    route (N·k,) → out (N, C) = Σ_j route·(down_j(act) + bias), written in place and returned."""
-    lin = experts.down_proj
-    N, C = out.shape
-    I = act.shape[1]
-    dot = use_scaled(scaled, lin.spec)
-    bn, bk = _decode_tiles(lin, I, dot, block_n, block_k)
-    dw, ds, db, dbias = _stack_args(lin, I, dot)
-    _down_kernel[(triton.cdiv(C, bn), N)](
-        act, idx, route, dw, ds, db, dbias, out, C, I, dw.stride(0), dw.stride(1), ds.stride(0), ds.stride(1),
-        dbias.stride(0), out.stride(0),
-        TOP_K=idx.numel() // N, BITS=lin.spec.bits, G=lin.spec.group_size, MXFP4=lin.spec.mode == "mxfp4",
-        HAS_BIAS=lin.bias is not None, BLOCK_N=bn, BLOCK_K=bk, MAGIC=magic, SCALED=dot, SWAP=swap,
-        num_warps=num_warps, **launch_args(act.device),
-    )  # fmt: skip
-    return out
 
 
 def experts(
@@ -291,43 +114,68 @@ def experts(
     *,
     limit: float,
     alpha: float,
-    block_n: int | None = None,
-    block_k: int | None = None,
+    block_n: int = 8,  # the fastest of benchmarks/kernels.py's sweep at one token on the H200
+    block_k: int = 1024,
     num_warps: int = 4,
     magic: bool = True,
-    scaled: bool | None = None,
-    swap: bool = False,
 ) -> Tensor:
     """x (N, C), expert ids top_i (N, k), routing weights route (N, k) → Σ_j route[:, j]·expert_j(x), (N, C)
     in x's dtype. `experts` holds gate_proj/up_proj (E, I, C) and down_proj (E, C, I) stacks, gate and up
-    stored alike. A pair of expert id −1 (another rank's expert, tensor parallel) adds nothing. Tiles left
-    None take DECODE_TILES, or SCALED_TILES for a stack that takes tl.dot_scaled (`scaled`, see the module
-    docstring; None: the environment variable DOT_ENV); `swap`: the weight is dot_scaled's left operand."""
+    stored alike. A pair of expert id −1 (another rank's expert, tensor parallel) adds nothing."""
+    gate, up, down = experts.gate_proj, experts.up_proj, experts.down_proj
+    assert gate.spec == up.spec and (gate.bias is None) == (up.bias is None)
     x = x.contiguous()
+    N, C = x.shape
+    k = top_i.shape[1]
+    I = gate.weight.shape[1]
     idx = top_i.reshape(-1).contiguous()
-    tiles = dict(block_n=block_n, block_k=block_k, num_warps=num_warps, magic=magic, scaled=scaled, swap=swap)
-    act = experts_gate_up(x, experts, idx, top_i.shape[1], limit=limit, alpha=alpha, **tiles)
-    return experts_down(act, experts, idx, route.reshape(-1).float().contiguous(), torch.empty_like(x), **tiles)
+    route = route.reshape(-1).float().contiguous()
+    act = torch.empty(N * k, I, dtype=torch.float32, device=x.device)
+    gw, gs, gb, gbias = _stack_args(gate, C)
+    uw, us, ub, ubias = _stack_args(up, C)
+    bk = max(min(block_k, triton.next_power_of_2(C)), gate.spec.group_size)  # no K step longer than the row
+    _gate_up_kernel[(triton.cdiv(I, block_n), N * k)](
+        x, idx, gw, gs, gb, gbias, uw, us, ub, ubias, act, I, C, float(limit), float(alpha),
+        x.stride(0), gw.stride(0), gw.stride(1), gs.stride(0), gs.stride(1), gbias.stride(0),
+        TOP_K=k, BITS=gate.spec.bits, G=gate.spec.group_size, MXFP4=gate.spec.mode == "mxfp4",
+        HAS_BIAS=gate.bias is not None, BLOCK_N=block_n, BLOCK_K=bk, MAGIC=magic, num_warps=num_warps,
+        **launch_args(x.device),
+    )  # fmt: skip
+    out = torch.empty_like(x)
+    dw, ds, db, dbias = _stack_args(down, I)
+    bk = max(min(block_k, triton.next_power_of_2(I)), down.spec.group_size)
+    _down_kernel[(triton.cdiv(C, block_n), N)](
+        act, idx, route, dw, ds, db, dbias, out, C, I, dw.stride(0), dw.stride(1), ds.stride(0), ds.stride(1),
+        dbias.stride(0), out.stride(0),
+        TOP_K=k, BITS=down.spec.bits, G=down.spec.group_size, MXFP4=down.spec.mode == "mxfp4",
+        HAS_BIAS=down.bias is not None, BLOCK_N=block_n, BLOCK_K=bk, MAGIC=magic, num_warps=num_warps,
+        **launch_args(x.device),
+    )  # fmt: skip
+    return out
 
 
 # ----------------------------------------------------------------------------------------- grouped experts
 
 
 @triton.jit
+def _rows(ptr, rows, m_mask, k0, K, BLOCK_K: tl.constexpr):
+    """(BM, BLOCK_K): elements k0 … k0 + BLOCK_K of the K-wide rows `rows` at ptr, zero past K and for
+    padding rows."""
+    offs_k = k0 + tl.arange(0, BLOCK_K)
+    ptr = ptr + rows[:, None].to(tl.int64) * K + offs_k[None, :]
+    return tl.load(ptr, mask=m_mask[:, None] & (offs_k < K)[None, :], other=0)
+
+
+@triton.jit
 def _dot_step(acc, x, w_ptr, s_ptr, b_ptr, offs_n, n_mask, k0, K, stride_wn, stride_sn, BITS: tl.constexpr,
               G: tl.constexpr, MXFP4: tl.constexpr, MAGIC: tl.constexpr, BLOCK_N: tl.constexpr,
-              BLOCK_K: tl.constexpr, PRECISION: tl.constexpr, SCALED: tl.constexpr):  # fmt: skip
+              BLOCK_K: tl.constexpr, PRECISION: tl.constexpr):  # fmt: skip
     """acc (BM, BN) + x (BM, BLOCK_K) · W[offs_n, k0 : k0 + BLOCK_K]ᵀ, the weight tile decoded in registers
-    to x's dtype, or SCALED (MXFP4) fed as stored to tl.dot_scaled."""
-    if SCALED:
-        w, s = _e2m1_tile(w_ptr, s_ptr, offs_n, n_mask, k0, K, stride_wn, stride_sn, BLOCK_K)
-        acc = _scaled_dot(acc, x, w, s, False)
-    else:
-        v, scale, bias = _step(w_ptr, s_ptr, b_ptr, offs_n, n_mask, k0, K, stride_wn, stride_sn, BITS, G, MXFP4,
-                               MAGIC, BLOCK_N, BLOCK_K)  # fmt: skip
-        w = tl.reshape(v * scale[:, :, None] + bias[:, :, None], (BLOCK_N, BLOCK_K))
-        acc = tl.dot(x, tl.trans(w.to(x.dtype)), acc, input_precision=PRECISION)
-    return acc
+    to x's dtype."""
+    v, scale, bias = _step(w_ptr, s_ptr, b_ptr, offs_n, n_mask, k0, K, stride_wn, stride_sn, BITS, G, MXFP4, MAGIC,
+                           BLOCK_N, BLOCK_K)  # fmt: skip
+    w = tl.reshape(v * scale[:, :, None] + bias[:, :, None], (BLOCK_N, BLOCK_K))
+    return tl.dot(x, tl.trans(w.to(x.dtype)), acc, input_precision=PRECISION)
 
 
 @triton.jit
@@ -336,7 +184,7 @@ def _grouped_gate_up_kernel(x_ptr, pairs_ptr, block_expert_ptr, gw, gs, gb, gbia
                             TOP_K: tl.constexpr, BITS: tl.constexpr, G: tl.constexpr, MXFP4: tl.constexpr,
                             HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                             BLOCK_K: tl.constexpr, MAGIC: tl.constexpr, PRECISION: tl.constexpr,
-                            SCALED: tl.constexpr, PDL: tl.constexpr):  # fmt: skip
+                            PDL: tl.constexpr):  # fmt: skip
     wait_for_inputs(PDL)
     pid_n = tl.program_id(0)
     blk = tl.program_id(1)
@@ -352,9 +200,9 @@ def _grouped_gate_up_kernel(x_ptr, pairs_ptr, block_expert_ptr, gw, gs, gb, gbia
         for k0 in range(0, K, BLOCK_K):
             x = _rows(x_ptr, pairs // TOP_K, m_mask, k0, K, BLOCK_K)
             g = _dot_step(g, x, gw + w_off, gs + s_off, gb + s_off, offs_n, n_mask, k0, K, stride_wn, stride_sn,
-                          BITS, G, MXFP4, MAGIC, BLOCK_N, BLOCK_K, PRECISION, SCALED)  # fmt: skip
+                          BITS, G, MXFP4, MAGIC, BLOCK_N, BLOCK_K, PRECISION)  # fmt: skip
             u = _dot_step(u, x, uw + w_off, us + s_off, ub + s_off, offs_n, n_mask, k0, K, stride_wn, stride_sn,
-                          BITS, G, MXFP4, MAGIC, BLOCK_N, BLOCK_K, PRECISION, SCALED)  # fmt: skip
+                          BITS, G, MXFP4, MAGIC, BLOCK_N, BLOCK_K, PRECISION)  # fmt: skip
         if HAS_BIAS:
             g += tl.load(gbias + expert * stride_bias_e + offs_n, mask=n_mask, other=0).to(tl.float32)[None, :]
             u += tl.load(ubias + expert * stride_bias_e + offs_n, mask=n_mask, other=0).to(tl.float32)[None, :]
@@ -370,7 +218,7 @@ def _grouped_down_kernel(act_ptr, pairs_ptr, block_expert_ptr, route_ptr, dw, ds
                          stride_we, stride_wn, stride_se, stride_sn, stride_bias_e, BITS: tl.constexpr,
                          G: tl.constexpr, MXFP4: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr,
                          BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, MAGIC: tl.constexpr,
-                         PRECISION: tl.constexpr, SCALED: tl.constexpr, PDL: tl.constexpr):  # fmt: skip
+                         PRECISION: tl.constexpr, PDL: tl.constexpr):  # fmt: skip
     wait_for_inputs(PDL)
     pid_n = tl.program_id(0)
     blk = tl.program_id(1)
@@ -385,7 +233,7 @@ def _grouped_down_kernel(act_ptr, pairs_ptr, block_expert_ptr, route_ptr, dw, ds
         for k0 in range(0, I, BLOCK_K):
             a = _rows(act_ptr, pairs, m_mask, k0, I, BLOCK_K)
             y = _dot_step(y, a, dw + w_off, ds + s_off, db + s_off, offs_n, n_mask, k0, I, stride_wn, stride_sn,
-                          BITS, G, MXFP4, MAGIC, BLOCK_N, BLOCK_K, PRECISION, SCALED)  # fmt: skip
+                          BITS, G, MXFP4, MAGIC, BLOCK_N, BLOCK_K, PRECISION)  # fmt: skip
         if HAS_BIAS:
             y += tl.load(dbias + expert * stride_bias_e + offs_n, mask=n_mask, other=0).to(tl.float32)[None, :]
         y *= tl.load(route_ptr + pairs, mask=m_mask, other=0)[:, None]
@@ -454,12 +302,10 @@ def grouped_experts(
     num_warps: int = 4,
     magic: bool = True,
     partial: bool = False,
-    scaled: bool | None = None,
 ) -> Tensor:
     """x (N, C), expert ids top_i (N, k), routing weights route (N, k) → Σ_j route[:, j]·expert_j(x), (N, C)
     in x's dtype, as `experts` but with the pairs grouped by expert (see the module docstring); tiles left
-    None take `grouped_tiles`. `partial`: ids may be −1 (another rank's expert), whose pairs add nothing.
-    `scaled` as `experts` (MXFP4 tiles through tl.dot_scaled)."""
+    None take `grouped_tiles`. `partial`: ids may be −1 (another rank's expert), whose pairs add nothing."""
     gate, up, down = experts.gate_proj, experts.up_proj, experts.down_proj
     assert gate.spec == up.spec and (gate.bias is None) == (up.bias is None)
     x = x.contiguous()
@@ -475,29 +321,27 @@ def grouped_experts(
     precision = "ieee" if x.dtype == torch.float32 else "tf32"
     route = route.reshape(-1).float().contiguous()
     act = torch.empty(N * k, I, dtype=x.dtype, device=x.device)
-    dot = use_scaled(scaled, gate.spec)
-    gw, gs, gb, gbias = _stack_args(gate, C, dot)
-    uw, us, ub, ubias = _stack_args(up, C, dot)
+    gw, gs, gb, gbias = _stack_args(gate, C)
+    uw, us, ub, ubias = _stack_args(up, C)
     step = max(min(bk, triton.next_power_of_2(C)), gate.spec.group_size)  # no K step longer than the row
     _grouped_gate_up_kernel[(triton.cdiv(I, bn), *grid)](
         x, pairs, block_expert, gw, gs, gb, gbias, uw, us, ub, ubias, act, N * k, E, I, C, float(limit),
         float(alpha), gw.stride(0), gw.stride(1), gs.stride(0), gs.stride(1), gbias.stride(0),
         TOP_K=k, BITS=gate.spec.bits, G=gate.spec.group_size, MXFP4=gate.spec.mode == "mxfp4",
         HAS_BIAS=gate.bias is not None, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=step, MAGIC=magic, PRECISION=precision,
-        SCALED=dot, num_warps=num_warps,
+        num_warps=num_warps,
         **launch_args(x.device),
         num_stages=1 if straddle else 2,
     )  # fmt: skip
     y = (torch.zeros if partial else torch.empty)(N * k, C, dtype=torch.float32, device=x.device)  # −1: no write
-    dot = use_scaled(scaled, down.spec)
-    dw, ds, db, dbias = _stack_args(down, I, dot)
+    dw, ds, db, dbias = _stack_args(down, I)
     step = max(min(bk, triton.next_power_of_2(I)), down.spec.group_size)
     _grouped_down_kernel[(triton.cdiv(C, bn), *grid)](
         act, pairs, block_expert, route, dw, ds, db, dbias, y, N * k, E, C, I, dw.stride(0), dw.stride(1),
         ds.stride(0), ds.stride(1), dbias.stride(0),
         BITS=down.spec.bits, G=down.spec.group_size, MXFP4=down.spec.mode == "mxfp4",
         HAS_BIAS=down.bias is not None, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=step, MAGIC=magic, PRECISION=precision,
-        SCALED=dot, num_warps=num_warps,
+        num_warps=num_warps,
         **launch_args(x.device),
         num_stages=1 if straddle else 2,
     )  # fmt: skip
