@@ -109,6 +109,27 @@ def test_qmm_split_k_and_tile_edges(spec, rows):
         assert rel_err(out, REF.linear(x.float(), as_float(lin))) < TOL, (n, split)
 
 
+def test_mxfp4_one_row_decode_is_exact_for_every_code_scale_and_activation_size():
+    """Every E2M1 code (both signs, the subnormal ±0.5) under scale bytes from 0 (2^−127) to 2^8, against
+    activations of both signs from 1e-13 to 1e3, through the one-row kernel's decode from float bits
+    (values of order 2^−126, qmm._e2m1_row_dot): the products lose nothing, the sums are float32's."""
+    n, k = 16, 256
+    gen = torch.Generator().manual_seed(5)
+    codes = torch.randint(0, 16, (n, k), generator=gen, dtype=torch.uint8)
+    codes[0, :16] = torch.arange(16, dtype=torch.uint8)
+    weight = (codes[:, 0::2] | (codes[:, 1::2] << 4)).contiguous().view(torch.int32)  # low nibble first
+    scales = torch.randint(100, 136, (n, k // 32), generator=gen, dtype=torch.uint8)
+    scales[0, 0], scales[1] = 0, 135
+    sign = torch.where(torch.rand(k, generator=gen) < 0.5, -1.0, 1.0)
+    w = mxfp4.decode(weight, scales, dtype=torch.float32).double()
+    for low, high in [(-6, 3), (-13, -6)]:  # the second: products that would be float32 subnormals
+        x = sign * 10 ** (torch.rand(k, generator=gen) * (high - low) + low)
+        ref = w @ x.double()
+        out = qmm.qmm(x[None].to(DEVICE), weight.to(DEVICE), scales.to(DEVICE), None, None, QuantSpec(4, 32, "mxfp4"),
+                      tiles=qmm.Tiles(block_n=4, block_k=256, magic=True))[0].double().cpu()  # fmt: skip
+        assert ((out - ref).abs() / (w.abs() @ x.double().abs())).max() < 1e-6, (low, high)
+
+
 def test_triton_linear_keeps_leading_axes_and_runs_prefill_sized_row_counts():
     ops, spec = TritonOps(), QuantSpec(4, 32)
     lin = quantized(spec, (), 24, 64, bias=True, seed=7)

@@ -127,9 +127,7 @@ def _values(codes, s, b, BITS: tl.constexpr, G: tl.constexpr, MXFP4: tl.constexp
     NGT: tl.constexpr = BLOCK_K // G
     codes = tl.reshape(codes, (BLOCK_N, NGT, G))
     if MXFP4:
-        s8 = s.to(tl.int32)
-        # E8M0 byte s → 2^(s−127) from its bits (s = 0: the subnormal 2^−127, as mxfp4._e8m0)
-        scale = tl.where(s8 == 0, 0x00400000, s8 << 23).to(tl.float32, bitcast=True)
+        scale = _e8m0(s)
         if MAGIC:
             bits = ((codes & 7) << 22) | ((codes & 8) << 28)
             v = bits.to(tl.float32, bitcast=True) * 8.507059173023462e37  # 2^126
@@ -149,6 +147,41 @@ def _values(codes, s, b, BITS: tl.constexpr, G: tl.constexpr, MXFP4: tl.constexp
         else:
             v = codes.to(tl.float32)
     return v, scale, bias
+
+
+@triton.jit
+def _e8m0(s):
+    """E8M0 bytes s → float32 2^(s−127) from their bits (s = 0: the subnormal 2^−127, as mxfp4._e8m0)."""
+    s8 = s.to(tl.int32)
+    return tl.where(s8 == 0, 0x00400000, s8 << 23).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _e2m1_words(w, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """uint32 words (BN, W) of E2M1 nibbles → float32 (BN, BLOCK_K) = E2M1·2^−126 in element order, in
+    about four instructions an element (the decode bounds the one-row kernels, not the memory): each
+    word is shifted left until the element's nibble is its top four bits (a join tree, as _spread, so a
+    word's elements stay in its thread), which puts the sign bit in place; the exponent and mantissa
+    bits move down to the float's lowest exponent bits and first mantissa bit, where E2M1's subnormal
+    lands on a float32 subnormal."""
+    W: tl.constexpr = BLOCK_K // 8
+    t = tl.join(w << 16, w)  # element j = 4a + 2b + c needs a shift of 28 − 4j = 16(1 − a) + 8(1 − b) + 4(1 − c)
+    t = tl.reshape(tl.join(t << 8, t), (BLOCK_N, W, 4))
+    t = tl.reshape(tl.join(t << 4, t), (BLOCK_N, W, 8))
+    bits = ((t >> 31) << 31) | ((t >> 6) & 0x01C00000)
+    return tl.reshape(bits, (BLOCK_N, BLOCK_K)).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _e2m1_row_dot(w, s, x, G: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """(BN,) float32: one K step of MXFP4 rows (words w, E8M0 scales s) times x (NGT, G), the values
+    straight from _e2m1_words. x is taken times 2^64 so that each product with a value of order 2^−126
+    stays a normal float (full precision for any |x| above 2^−60); the group sums get the 2^62 back with
+    their scales."""
+    NGT: tl.constexpr = BLOCK_K // G
+    v = tl.reshape(_e2m1_words(w, BLOCK_N, BLOCK_K), (BLOCK_N, NGT, G))
+    part = tl.sum(v * (x * 1.8446744073709552e19)[None, :, :], 2)  # (BN, NGT); x·2^64
+    return tl.sum(part * _e8m0(s), 1) * 4.611686018427388e18  # 2^62
 
 
 @triton.jit
@@ -197,9 +230,13 @@ def _row_matvec(x_ptr, w_ptr, s_ptr, b_ptr, offs_n, n_mask, k_start, k_end, stri
         for k0 in range(k_start, k_end, BLOCK_K):
             w_next = _words(w_ptr, offs_n, n_mask, k0 + BLOCK_K, k_end, stride_wn, BITS, BLOCK_K)
             s_next, b_next = _scales(s_ptr, b_ptr, offs_n, n_mask, k0 + BLOCK_K, k_end, stride_sn, G, MXFP4, BLOCK_K)
-            v, scale, bias = _values(_spread(w, BITS, BLOCK_N, BLOCK_K), s, b, BITS, G, MXFP4, MAGIC, BLOCK_N,
-                                     BLOCK_K)  # fmt: skip
-            acc += _row_dot(v, scale, bias, _x_tile(x_ptr, k0, k_end, G, BLOCK_K), MXFP4)
+            x = _x_tile(x_ptr, k0, k_end, G, BLOCK_K)
+            if MXFP4 and MAGIC:
+                acc += _e2m1_row_dot(w, s, x, G, BLOCK_N, BLOCK_K)
+            else:
+                v, scale, bias = _values(_spread(w, BITS, BLOCK_N, BLOCK_K), s, b, BITS, G, MXFP4, MAGIC, BLOCK_N,
+                                         BLOCK_K)  # fmt: skip
+                acc += _row_dot(v, scale, bias, x, MXFP4)
             w, s, b = w_next, s_next, b_next
     else:
         for k0 in range(k_start, k_end, BLOCK_K):
