@@ -87,3 +87,21 @@ def random_model(config: ModelConfig | None = None, seed: int = 0):
             std = 1.0 if "embed" in name or "sinks" in name else b.shape[-1] ** -0.5
             b.copy_((1.0 if "norm" in name else 0.0) + std * torch.randn(b.shape, generator=gen))
     return model
+
+
+@pytest.fixture(scope="session")
+def calib_text(tmp_path_factory):
+    """Calibration text of about 500 tokens."""
+    path = tmp_path_factory.mktemp("calib") / "calib.txt"
+    path.write_text("The quick brown fox jumps over the lazy dog. " * 40 + "Hackers write code at night.\n" * 40)
+    return path
+
+
+@pytest.fixture(scope="session")
+def keep_vocab_recipe(tmp_path_factory):
+    """A recipe file: 3-bit g32 everywhere but the 201k-row embedding and lm_head, which stay bf16
+    (fast to convert, calibrate and distill)."""
+    path = tmp_path_factory.mktemp("recipe") / "r.json"
+    rule = '{"match": ["embed_tokens", "lm_head"], "keep": true}'
+    path.write_text('{"default": {"bits": 3, "group_size": 32}, "rules": [' + rule + "]}")
+    return path

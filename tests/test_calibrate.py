@@ -178,22 +178,6 @@ def test_allocation_prefers_the_sensitive_module_at_equal_cost():
 
 
 # ---- the converter --------------------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def calib_text(tmp_path_factory):
-    path = tmp_path_factory.mktemp("calib") / "calib.txt"
-    path.write_text("The quick brown fox jumps over the lazy dog. " * 40 + "Hackers write code at night.\n" * 40)
-    return path
-
-
-@pytest.fixture(scope="module")
-def keep_vocab_recipe(tmp_path_factory):
-    """3-bit g32 everywhere but the 201k-row embedding and lm_head, which stay bf16 (fast to convert)."""
-    path = tmp_path_factory.mktemp("recipe") / "r.json"
-    rule = '{"match": ["embed_tokens", "lm_head"], "keep": true}'
-    path.write_text('{"default": {"bits": 3, "group_size": 32}, "rules": [' + rule + "]}")
-    return path
-
-
 @pytest.mark.parametrize("method", ["gptq", "awq", "target-bpw"])
 def test_mlx_lm_loads_calibrated_output_and_it_runs_like_our_engine(
     method, tiny_checkpoint, calib_text, keep_vocab_recipe, tmp_path
