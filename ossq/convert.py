@@ -51,6 +51,7 @@ from ossq.formats.mlx import (
     expected_tensors,
     layer_prefix,
     linear_modules,
+    overwrite_tensors,
     quantization_entries,
     remove_stale_staging,
     shard_plan,
@@ -352,7 +353,7 @@ def _distill(
 
         teacher = _dense_reader(ckpt, ckpt.specs, job.device)
         result = dwq.distill(student, teacher, ids, steps=steps, lr=lr, device=job.device, on_step=on_step)
-    dwq.overwrite(spans, student.stored())
+    overwrite_tensors(spans, student.stored())
     return result
 
 

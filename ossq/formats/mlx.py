@@ -286,6 +286,24 @@ class ShardWriter:
         }
 
 
+def overwrite_tensors(spans: dict[str, tuple[Path, int, int]], tensors: Iterator[tuple[str, torch.Tensor]]) -> None:
+    """Write each tensor's bytes over its data in its shard (`--distill`): `spans` maps a name to (file,
+    start, end) byte offsets, as formats.hf reads them. Names, dtypes, shapes and offsets are unchanged,
+    so every header and the layout stay as written."""
+    fds: dict[Path, int] = {}
+    try:
+        for name, t in tensors:
+            path, start, end = spans[name]
+            data = memoryview(t.contiguous().reshape(-1).view(torch.uint8).numpy())
+            assert data.nbytes == end - start, (name, data.nbytes, end - start)
+            if path not in fds:
+                fds[path] = os.open(path, os.O_WRONLY)
+            _pwrite_all(fds[path], data, start)
+    finally:
+        for fd in fds.values():
+            os.close(fd)
+
+
 def _pwrite_all(fd: int, data: memoryview, offset: int) -> None:
     while data.nbytes:
         n = os.pwrite(fd, data, offset)

@@ -26,11 +26,9 @@ what the others leave.
 from __future__ import annotations
 
 import math
-import os
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -284,24 +282,3 @@ def _batch_tokens(ids: list[int], batch: list[tuple[int, int]], device: torch.de
     seq = batch[0][1] - batch[0][0]
     flat = [i for a, b in batch for i in ids[a:b]]
     return Tokens.of(flat, device, seq_tokens=seq)
-
-
-def overwrite(spans: dict[str, tuple[Path, int, int]], tensors: Iterator[tuple[str, Tensor]]) -> None:
-    """Write each tensor's bytes over its data in its shard: `spans` maps a name to (file, start, end)
-    byte offsets. Names, dtypes, shapes and offsets are unchanged, so every header and the layout stay
-    as written."""
-    fds: dict[Path, int] = {}
-    try:
-        for name, t in tensors:
-            path, start, end = spans[name]
-            data = memoryview(t.contiguous().reshape(-1).view(torch.uint8).numpy())
-            assert data.nbytes == end - start, (name, data.nbytes, end - start)
-            fd = fds.get(path)
-            if fd is None:
-                fd = fds[path] = os.open(path, os.O_WRONLY)
-            while data.nbytes:
-                written = os.pwrite(fd, data, start)
-                data, start = data[written:], start + written
-    finally:
-        for fd in fds.values():
-            os.close(fd)
