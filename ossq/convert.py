@@ -336,9 +336,8 @@ def _distill(
     ids = calibration_tokens(job.calibration, ckpt.config.vocab_size)
     written = Checkpoint(directory)
     try:
-        raw = lambda name: written.read(name)  # noqa: E731
         student = dwq.Student(
-            written.config, written.specs, raw, _dense_reader(written, written.specs, job.device), job.device
+            written.config, written.specs, written.read, _dense_reader(written, written.specs, job.device), job.device
         )
         spans = {n: (t.shard, *t.span) for n, t in written.files.tensors.items()}
     finally:
