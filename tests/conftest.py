@@ -54,6 +54,17 @@ def small_checkpoint(tmp_path_factory):
     return synthesize(tmp_path_factory.mktemp("ckpt") / "small", config=small_config(), seed=1, max_shard_bytes=200_000)
 
 
+def transformers_dequantized(path: Path):
+    """transformers' GptOssForCausalLM in bf16 with its MXFP4 experts dequantized at load.
+
+    Asked for explicitly: with triton and the `kernels` package installed, transformers otherwise swaps
+    in hub-downloaded MoE kernels (network, and not the reference math we compare against)."""
+    import transformers
+
+    config = transformers.Mxfp4Config(dequantize=True)
+    return transformers.GptOssForCausalLM.from_pretrained(path, dtype=torch.bfloat16, quantization_config=config)
+
+
 def to_mx(t: torch.Tensor):
     """A torch tensor as an mlx array with the same bits (bf16 travels as uint16)."""
     mx = pytest.importorskip("mlx.core")

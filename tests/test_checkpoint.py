@@ -16,6 +16,7 @@ from ossq.engine.load import load_model
 from ossq.engine.ops import dequantize
 from ossq.errors import CheckpointError, ConfigError
 from ossq.formats.hf import Checkpoint, SafetensorsFiles, resolve
+from tests.conftest import transformers_dequantized
 
 
 @pytest.fixture
@@ -60,8 +61,8 @@ def test_published_layout_has_zero_based_shards_and_mxfp4_experts(small_checkpoi
 
 
 def test_transformers_bf16_layout_loads_to_identical_weights(small_checkpoint, tmp_path):
-    transformers = pytest.importorskip("transformers")
-    ref = transformers.GptOssForCausalLM.from_pretrained(small_checkpoint, dtype=torch.bfloat16)
+    pytest.importorskip("transformers")
+    ref = transformers_dequantized(small_checkpoint)
     ref.save_pretrained(tmp_path / "bf16")
     assert Checkpoint(tmp_path / "bf16").layout == "hf-bf16"
     a, _ = load_model(small_checkpoint, device="cpu", dtype=torch.float32)
@@ -164,8 +165,8 @@ def test_missing_directory_is_named(tmp_path):
 def test_loading_reads_each_gate_up_tensor_once(small_checkpoint, tmp_path, monkeypatch, layout):
     path = small_checkpoint
     if layout == "hf-bf16":
-        transformers = pytest.importorskip("transformers")
-        ref = transformers.GptOssForCausalLM.from_pretrained(small_checkpoint, dtype=torch.bfloat16)
+        pytest.importorskip("transformers")
+        ref = transformers_dequantized(small_checkpoint)
         ref.save_pretrained(tmp_path / "bf16")
         path = tmp_path / "bf16"
     reads: list[str] = []

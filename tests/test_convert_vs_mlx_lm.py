@@ -33,7 +33,7 @@ from ossq.formats.hf import Checkpoint
 from ossq.formats.mlx import TensorEntry, expected_tensors, parameter_order, shard_plan
 from ossq.quant.recipe import plan, uniform
 from ossq.quant.spec import QuantSpec
-from tests.conftest import tensors
+from tests.conftest import tensors, transformers_dequantized
 
 mx = pytest.importorskip("mlx.core")
 mlx_lm = pytest.importorskip("mlx_lm")
@@ -223,9 +223,9 @@ def test_transformers_layout_converts_to_mlx_lm_bytes_of_its_mlx_twin(work, thei
     """transformers' save_pretrained layout (bf16, experts (E, in, out), rope_parameters) → the same tensors
     mlx-lm makes from the MLX-layout bf16 checkpoint holding the same values, and a config with YaRN at
     the top level where mlx-lm reads it."""
-    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("transformers")
     pytest.importorskip("accelerate")
-    model = transformers.GptOssForCausalLM.from_pretrained(work / "mxfp4", dtype=torch.bfloat16)
+    model = transformers_dequantized(work / "mxfp4")
     model.save_pretrained(tmp_path / "tf")
     for name in ("tokenizer.json", "tokenizer_config.json", "generation_config.json"):
         shutil.copyfile(work / "mxfp4" / name, tmp_path / "tf" / name)

@@ -11,7 +11,7 @@ from ossq.config import RopeScaling
 from ossq.engine.engine import Engine, EngineConfig, forward_full
 from ossq.engine.load import load_model
 from ossq.engine.model import yarn_inv_freq
-from tests.conftest import small_config
+from tests.conftest import small_config, transformers_dequantized
 
 transformers = pytest.importorskip("transformers")
 
@@ -98,7 +98,7 @@ def test_greedy_generation_matches_transformers(pair):
 
 def test_published_mxfp4_checkpoint_matches_transformers_dequantized(small_checkpoint):
     """transformers dequantizes the MXFP4 experts itself; we keep them packed and decode on the fly."""
-    ref = transformers.GptOssForCausalLM.from_pretrained(small_checkpoint, dtype=torch.bfloat16).float().eval()
+    ref = transformers_dequantized(small_checkpoint).float().eval()
     ours, _ = load_model(small_checkpoint, device="cpu", dtype=torch.float32)
     tokens = torch.randint(0, 512, (1, 40), generator=torch.Generator().manual_seed(5))
     with torch.no_grad():
