@@ -200,11 +200,12 @@ def test_mlx_lm_loads_calibrated_output_and_it_runs_like_our_engine(
     if method == "target-bpw":
         assert report.bits_per_weight <= 4.5
     model, _ = mlx_lm_utils.load_model(out)
+    model.set_dtype(mx.float32)  # bf16 activations flip the argmax of this tiny random model's near-ties
     tokens = [200, 1000, 5000, 70000, 3, 42, 9000, 12]
     theirs = np.array(model(mx.array(tokens)[None]).astype(mx.float32))[0]
     ours_model, _ = load_model(out, device="cpu", dtype=torch.float32)
     ours = forward_full(ours_model, torch.tensor([tokens]))[0].numpy()
-    assert np.linalg.norm(ours - theirs) / np.linalg.norm(theirs) < 0.05  # bf16 activations in mlx-lm
+    assert np.linalg.norm(ours - theirs) / np.linalg.norm(theirs) < 0.05
     assert (ours.argmax(-1) == theirs.argmax(-1)).mean() >= 0.75
 
 
