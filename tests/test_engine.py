@@ -8,8 +8,16 @@ import pytest
 import torch
 from torch.overrides import TorchFunctionMode
 
-from ossq.engine.engine import Engine, EngineConfig, forward_full
-from ossq.engine.kv import BLOCK_TOKENS
+from ossq.engine.batch import Batch, SeqChunk
+from ossq.engine.engine import (
+    GRAPH_CHUNK_TOKENS,
+    PREFILL_CHUNK_TOKENS,
+    Engine,
+    EngineConfig,
+    _token_rows,
+    forward_full,
+)
+from ossq.engine.kv import BLOCK_TOKENS, KVPool, blocks_for
 from ossq.engine.sampling import SamplingParams
 from ossq.errors import InvalidArgument, PromptTooLong
 from tests.conftest import random_model
@@ -105,6 +113,35 @@ def test_chunked_prefill_and_decode_equal_one_full_forward(model):
     full = forward_full(model, torch.tensor([ids]))[0]
     assert stepped.shape == full.shape
     assert (stepped - full).abs().max() < TOL
+
+
+def test_a_prompt_replayed_as_one_token_rows_gives_the_logits_of_its_chunk(model):
+    """A short prompt goes to a decode graph as one-token rows (engine._token_rows); eagerly here, those
+    rows give the logits the prompt's chunk gives, past the sliding window and across blocks."""
+    ids = prompt(90, seed=3)
+    table = range(blocks_for(len(ids)))
+    chunk = SeqChunk(ids, 0, table, logits_from=0)
+    rows, wanted = _token_rows([chunk], torch.device("cpu"))
+    assert len(rows) == len(ids) and wanted is None
+
+    def logits(chunks: list[SeqChunk]) -> torch.Tensor:
+        kv = KVPool.allocate(model.config, num_blocks=len(table), dtype=model.dtype, device=model.device)
+        return model(Batch.build(chunks, device=model.device), kv)
+
+    as_rows = [SeqChunk(r.tokens, r.start, r.block_table, logits_from=r.start) for r in rows]
+    assert (logits(as_rows) - logits([chunk])).abs().max() < TOL
+
+
+def test_a_step_goes_to_the_graphs_as_rows_while_its_rows_read_few_keys():
+    def rows(n: int, start: int):
+        chunk = SeqChunk([1] * n, start, range(blocks_for(start + n)), logits_from=start + n - 1)
+        return _token_rows([chunk], torch.device("cpu"))
+
+    first = rows(PREFILL_CHUNK_TOKENS, 0)  # a whole first prompt chunk, only its last row's logits wanted
+    assert first is not None and first[1].tolist() == [PREFILL_CHUNK_TOKENS - 1]
+    assert rows(PREFILL_CHUNK_TOKENS, PREFILL_CHUNK_TOKENS) is None  # its rows would read 393k keys
+    assert rows(GRAPH_CHUNK_TOKENS, 100_000) is not None  # a verification: at any context
+    assert rows(GRAPH_CHUNK_TOKENS + 1, 100_000) is None
 
 
 def _drain(engine: Engine) -> list:

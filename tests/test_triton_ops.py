@@ -431,6 +431,20 @@ def test_graph_replayed_decode_equals_eager_decode(graph_models):
 
 
 @needs_cuda
+def test_a_prompt_replayed_as_graph_rows_gives_the_eager_tokens_and_logits(graph_models):
+    fast, _ = graph_models
+    prompt = [[(13 * j + 5) % 500 for j in range(90)]]  # 90 one-token rows: the 128-row graph
+    eager = generate(fast, prompt, 8, kv_cache_tokens=512)
+    engine = Engine(fast, EngineConfig(kv_cache_tokens=512, prefix_cache=False))
+    engine.add_request(prompt[0], max_tokens=8)
+    engine.step()
+    assert [rows for rows, _ in engine.graphs.graphs] == [128]  # the prompt's step was a replay
+    graphed = generate(fast, prompt, 8, kv_cache_tokens=512, cuda_graphs=True)
+    assert graphed[0] == eager[0]
+    assert rel_err(graphed[1], eager[1]) < 1e-5
+
+
+@needs_cuda
 def test_graph_inputs_survive_the_allocator_reusing_freed_memory(graph_models):
     # a graph reads raw pointers: an input made for the capture and then freed (the logits rows once were)
     # gets reused, and the replay reads whatever lands there as indices. Fill every small free block with

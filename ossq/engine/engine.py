@@ -35,7 +35,8 @@ if TYPE_CHECKING:
     from ossq.engine.speculative import Speculator
 
 PREFILL_CHUNK_TOKENS = 512
-GRAPH_CHUNK_TOKENS = 16  # the longest chunk a graph replays as one-token rows (_token_rows)
+GRAPH_CHUNK_TOKENS = 16  # a chunk up to this long always replays as one-token rows (_token_rows) …
+ROW_KEYS = 1 << 18  # … a longer one (a prompt) while its rows attend to at most this many keys in all
 
 
 @dataclass(frozen=True)
@@ -102,8 +103,7 @@ class Engine:
         if tokens < BLOCK_TOKENS:
             raise InvalidArgument("kv_cache_tokens", f"kv_cache_tokens must be at least {BLOCK_TOKENS}, got {tokens}")
         self.num_blocks = tokens // BLOCK_TOKENS
-        graph_rows = min(c.max_num_seqs * GRAPH_CHUNK_TOKENS, model.ops.graph_tokens(mc))  # _token_rows
-        graph_seqs = graph_rows if model.device.type == "cuda" else 0
+        graph_seqs = model.ops.graph_tokens(mc) if model.device.type == "cuda" else 0  # rows: _token_rows
         # under --ep a step's shapes depend on the other ranks' rows (Parallel.step_rows): no graphs
         self.lockstep = model.parallel.lockstep
         graphs = c.cuda_graphs and graph_seqs > 0 and not self.lockstep
@@ -426,12 +426,18 @@ class _Planned:
 
 def _token_rows(chunks: list[SeqChunk], device: torch.device) -> tuple[list[SeqChunk], torch.Tensor | None] | None:
     """A step of short chunks (a decode step; a verification: the last token and its drafts; a draft
-    model catching up) as one-token rows, one per token, that a decode graph replays, with the indices of
-    the rows whose logits the step wants (None: all of them); None for a step with a longer chunk. Row i
-    of a chunk sees keys up to its own position (its length is position + 1), which is the causal mask,
-    and a step writes all its keys before any layer attends, so the rows of one sequence see each other's
-    keys as one multi-token chunk would."""
-    if any(len(c.tokens) > GRAPH_CHUNK_TOKENS for c in chunks):
+    model catching up; a prompt whose rows attend to few keys) as one-token rows, one per token, that a
+    decode graph replays, with the indices of the rows whose logits the step wants (None: all of them);
+    None for a step with a longer chunk. Row i of a chunk sees keys up to its own position (its length is
+    position + 1), which is the causal mask, and a step writes all its keys before any layer attends, so
+    the rows of one sequence see each other's keys as one multi-token chunk would.
+
+    Why prompts too: launched eagerly, any step costs the Python launches of a whole forward (≈ 28 ms for
+    gpt-oss-20b on the H200, benchmarks/RESULTS.md), more than the GPU time of a short prompt; replayed,
+    it costs the GPU time. The price is attention: each row reads its own prefix with the decode kernel,
+    start + i + 1 keys for row i, where the flash prefill reads the chunk's keys once per query tile —
+    hence the ROW_KEYS bound on their sum (a whole first chunk of PREFILL_CHUNK_TOKENS passes)."""
+    if not all(len(c.tokens) <= GRAPH_CHUNK_TOKENS or _row_keys(c) <= ROW_KEYS for c in chunks):
         return None
     if all(len(c.tokens) == 1 and c.logits_from == c.start for c in chunks):
         return chunks, None  # a plain decode step: the chunks are the rows
@@ -443,6 +449,12 @@ def _token_rows(chunks: list[SeqChunk], device: torch.device) -> tuple[list[SeqC
                 wanted.append(len(rows))
             rows.append(SeqChunk((token,), c.start + i, c.block_table))
     return rows, None if len(wanted) == len(rows) else device_tensor(wanted, torch.int64, device)
+
+
+def _row_keys(chunk: SeqChunk) -> int:
+    """The keys a chunk's one-token rows attend to in all: Σ over its rows of position + 1."""
+    n = len(chunk.tokens)
+    return n * chunk.start + n * (n + 1) // 2
 
 
 def _finish_reason(req: Request, token: int) -> str | None:

@@ -3,8 +3,9 @@
 A decode step of one token runs a few hundred small kernels; launched one by one from Python, the launches
 cost more than the kernels. A CUDA graph records the whole forward once and replays it with one call.
 A speculative verification step (a request's last token and its drafts, every one wanting its logits)
-comes here too, as one one-token row per token (engine._token_rows), so drafting pays for a replay of a
-bigger bucket rather than for an eager forward. What a graph needs, and where it comes from:
+and a short prompt come here too, as one one-token row per token (engine._token_rows), so drafting and
+the first token pay for a replay of a bigger bucket rather than for an eager forward. What a graph
+needs, and where it comes from:
 
 - **Static inputs.** The step's tokens, positions, slots, lengths and block tables live in device tensors
   the graph was captured with; each step writes its values into them (two host-to-device copies from
