@@ -57,13 +57,19 @@ class Tiles:
 
 
 @triton.jit
-def _words(w_ptr, offs_n, n_mask, k0, k_end, stride_wn, BITS: tl.constexpr, BLOCK_K: tl.constexpr):
+def _words(w_ptr, offs_n, n_mask, k0, k_end, stride_wn, BITS: tl.constexpr, G: tl.constexpr, BLOCK_K: tl.constexpr):
     """uint32 words (BN, BLOCK_K·BITS/32) holding elements k0 … k0 + BLOCK_K of rows offs_n (bits 2, 4, 8:
-    whole codes per word), zero past k_end — a contiguous, vectorisable load per row."""
+    whole codes per word), zero past k_end — a contiguous, vectorisable load per row.
+
+    K, every split and every step start are multiples of G, so a group's words start at a multiple of
+    G·BITS/32 words; the offsets are written so that the compiler can see it (stride and k0 rebuilt as
+    multiples of it, the mask constant over each group) and load the words as 16-byte vectors."""
     P: tl.constexpr = 32 // BITS
+    GW: tl.constexpr = G // P  # words per group
     offs_w = tl.arange(0, BLOCK_K // P)
-    mask = n_mask[:, None] & (k0 + offs_w * P < k_end)[None, :]
-    ptr = w_ptr + offs_n[:, None].to(tl.int64) * stride_wn + (k0 // P + offs_w)[None, :]
+    mask = n_mask[:, None] & ((k0 // G + offs_w // GW) < k_end // G)[None, :]
+    row = offs_n[:, None].to(tl.int64) * ((stride_wn // GW) * GW)
+    ptr = w_ptr + row + ((k0 // G) * GW + offs_w)[None, :]
     return tl.load(ptr, mask=mask, other=0).to(tl.uint32, bitcast=True)
 
 
@@ -173,15 +179,15 @@ def _e2m1_words(w, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
 
 
 @triton.jit
-def _e2m1_row_dot(w, s, x, G: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """(BN,) float32: one K step of MXFP4 rows (words w, E8M0 scales s) times x (NGT, G), the values
-    straight from _e2m1_words. x is taken times 2^64 so that each product with a value of order 2^−126
-    stays a normal float (full precision for any |x| above 2^−60); the group sums get the 2^62 back with
-    their scales."""
+def _e2m1_word_dot(w, s, x, G: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """(BN, NGT, G/8) float32: one K step of MXFP4 rows (words w, E8M0 scales s) times x (NGT, G), per
+    word (as _word_dot), the values straight from _e2m1_words. x is taken times 2^64 so that each product
+    with a value of order 2^−126 stays a normal float (full precision for any |x| above 2^−60); the sum
+    gets the 2^62 back at the end of the loop (E2M1_UNSCALE)."""
     NGT: tl.constexpr = BLOCK_K // G
-    v = tl.reshape(_e2m1_words(w, BLOCK_N, BLOCK_K), (BLOCK_N, NGT, G))
-    part = tl.sum(v * (x * 1.8446744073709552e19)[None, :, :], 2)  # (BN, NGT); x·2^64
-    return tl.sum(part * _e8m0(s), 1) * 4.611686018427388e18  # 2^62
+    v = tl.reshape(_e2m1_words(w, BLOCK_N, BLOCK_K), (BLOCK_N, NGT, G // 8, 8))
+    x4 = tl.reshape(x * 1.8446744073709552e19, (NGT, G // 8, 8))  # x·2^64
+    return tl.sum(v * x4[None, :, :, :], 3) * _e8m0(s)[:, :, None]
 
 
 @triton.jit
@@ -190,7 +196,7 @@ def _step(w_ptr, s_ptr, b_ptr, offs_n, n_mask, k0, k_end, stride_wn, stride_sn, 
           BLOCK_K: tl.constexpr):  # fmt: skip
     """One K step of rows offs_n, loaded and decoded: (v, scale, bias) as _values."""
     if 32 % BITS == 0:
-        codes = _spread(_words(w_ptr, offs_n, n_mask, k0, k_end, stride_wn, BITS, BLOCK_K), BITS, BLOCK_N, BLOCK_K)
+        codes = _spread(_words(w_ptr, offs_n, n_mask, k0, k_end, stride_wn, BITS, G, BLOCK_K), BITS, BLOCK_N, BLOCK_K)
     else:
         codes = _gather_codes(w_ptr, offs_n, n_mask, k0, k_end, stride_wn, BITS, BLOCK_K)
     s, b = _scales(s_ptr, b_ptr, offs_n, n_mask, k0, k_end, stride_sn, G, MXFP4, BLOCK_K)
@@ -217,33 +223,55 @@ def _row_dot(v, scale, bias, x, MXFP4: tl.constexpr):
 
 
 @triton.jit
+def _word_dot(v, scale, bias, x, P: tl.constexpr, MXFP4: tl.constexpr):
+    """(BN, NGT, G/P) float32: per stored word of the step, Σ over its P codes of (scale·v + bias)·x.
+    A word's codes sit in the thread that loaded it (_spread), so this sum needs no other thread; the
+    sum across threads waits for the end of the K loop instead of costing shuffles at every step."""
+    BN: tl.constexpr = v.shape[0]
+    NGT: tl.constexpr = v.shape[1]
+    G: tl.constexpr = v.shape[2]
+    v4 = tl.reshape(v, (BN, NGT, G // P, P))
+    x4 = tl.reshape(x, (NGT, G // P, P))
+    part = tl.sum(v4 * x4[None, :, :, :], 3) * scale[:, :, None]
+    if not MXFP4:
+        part += bias[:, :, None] * tl.sum(x4, 2)[None, :, :]
+    return part
+
+
+@triton.jit
 def _row_matvec(x_ptr, w_ptr, s_ptr, b_ptr, offs_n, n_mask, k_start, k_end, stride_wn, stride_sn,
                 BITS: tl.constexpr, G: tl.constexpr, MXFP4: tl.constexpr, BLOCK_N: tl.constexpr,
                 BLOCK_K: tl.constexpr, MAGIC: tl.constexpr):  # fmt: skip
     """(BLOCK_N,) float32: rows offs_n of W (from the stored layout) times x[k_start:k_end]."""
-    acc = tl.zeros((BLOCK_N,), tl.float32)
     if 32 % BITS == 0:
+        P: tl.constexpr = 32 // BITS
+        acc = tl.zeros((BLOCK_N, BLOCK_K // G, G // P), tl.float32)
         # a register double buffer: the next step's words and scales are requested before this step's
         # arithmetic, so each program keeps two steps of loads in flight
-        w = _words(w_ptr, offs_n, n_mask, k_start, k_end, stride_wn, BITS, BLOCK_K)
+        w = _words(w_ptr, offs_n, n_mask, k_start, k_end, stride_wn, BITS, G, BLOCK_K)
         s, b = _scales(s_ptr, b_ptr, offs_n, n_mask, k_start, k_end, stride_sn, G, MXFP4, BLOCK_K)
         for k0 in range(k_start, k_end, BLOCK_K):
-            w_next = _words(w_ptr, offs_n, n_mask, k0 + BLOCK_K, k_end, stride_wn, BITS, BLOCK_K)
+            w_next = _words(w_ptr, offs_n, n_mask, k0 + BLOCK_K, k_end, stride_wn, BITS, G, BLOCK_K)
             s_next, b_next = _scales(s_ptr, b_ptr, offs_n, n_mask, k0 + BLOCK_K, k_end, stride_sn, G, MXFP4, BLOCK_K)
             x = _x_tile(x_ptr, k0, k_end, G, BLOCK_K)
             if MXFP4 and MAGIC:
-                acc += _e2m1_row_dot(w, s, x, G, BLOCK_N, BLOCK_K)
+                acc += _e2m1_word_dot(w, s, x, G, BLOCK_N, BLOCK_K)
             else:
                 v, scale, bias = _values(_spread(w, BITS, BLOCK_N, BLOCK_K), s, b, BITS, G, MXFP4, MAGIC, BLOCK_N,
                                          BLOCK_K)  # fmt: skip
-                acc += _row_dot(v, scale, bias, x, MXFP4)
+                acc += _word_dot(v, scale, bias, x, P, MXFP4)
             w, s, b = w_next, s_next, b_next
+        total = tl.sum(tl.sum(acc, 2), 1)
+        if MXFP4 and MAGIC:
+            total *= 4.611686018427388e18  # 2^62 (_e2m1_word_dot)
+        return total
     else:
+        acc = tl.zeros((BLOCK_N,), tl.float32)
         for k0 in range(k_start, k_end, BLOCK_K):
             v, scale, bias = _step(w_ptr, s_ptr, b_ptr, offs_n, n_mask, k0, k_end, stride_wn, stride_sn, BITS, G,
                                    MXFP4, MAGIC, BLOCK_N, BLOCK_K)  # fmt: skip
             acc += _row_dot(v, scale, bias, _x_tile(x_ptr, k0, k_end, G, BLOCK_K), MXFP4)
-    return acc
+        return acc
 
 
 @triton.jit
