@@ -64,21 +64,30 @@ MOE_DIMS = (6, 64, 128) if DRY else (32, 2880, 2880)  # E, C, I
 ATTN = [(1, 40), (3, 70)] if DRY else [(1, 90), (1, 4096), (1, 32768), (8, 4096), (64, 1024), (64, 4096)]
 REF = TorchOps()
 SPECS = {"4b-g64": QuantSpec(4, 64), "mxfp4": QuantSpec(4, 32, "mxfp4")}
-MOE_TILES = [(16, 512, 4), (8, 512, 4), (8, 1024, 4)]  # (block_n, block_k, num_warps)
+MOE_TILES = [
+    (16, 512, 4, None),
+    (8, 512, 4, None),
+    (8, 1024, 4, None),
+    (8, 1024, 4, False),
+    (32, 512, 4, None),
+    (16, 1024, 8, None),
+]  # (block_n, block_k, num_warps, int_dot); None: on for bfloat16 (qmm.int_dot_mode)
 ROWS = (1, 2, 4, 8, 16, 32, 64)
-SWEEP = [  # (block_n, block_k, num_warps, num_stages, magic, split_k); None: qmm's default for the shape
+SWEEP = [  # (block_n, block_k, num_warps, num_stages, magic, split_k, int_dot); None: qmm's default for the shape
     None,
-    (16, 512, 4, 2, True, None),
-    (16, 512, 4, 2, False, None),
-    (8, 512, 4, 2, True, None),
-    (32, 512, 4, 2, True, None),
-    (16, 256, 4, 2, True, None),
-    (16, 1024, 4, 2, True, None),
-    (8, 1024, 8, 2, True, None),
-    (16, 512, 8, 2, True, None),
-    (16, 512, 4, 2, True, 1),
-    (16, 512, 4, 2, True, 4),
-    (4, 1024, 2, 2, True, None),
+    (16, 512, 4, 2, True, None, False),  # the float decode, for the integer dot's ratio
+    (4, 1024, 2, 2, True, None, False),
+    (16, 512, 4, 2, True, None, None),
+    (16, 512, 4, 2, False, None, False),
+    (8, 512, 4, 2, True, None, None),
+    (32, 512, 4, 2, True, None, None),
+    (16, 256, 4, 2, True, None, None),
+    (16, 1024, 4, 2, True, None, None),
+    (8, 1024, 8, 2, True, None, None),
+    (16, 512, 8, 2, True, None, None),
+    (16, 512, 4, 2, True, 1, None),
+    (16, 512, 4, 2, True, 4, None),
+    (4, 1024, 2, 2, True, None, None),
 ]
 
 
@@ -175,8 +184,9 @@ def as_float(lin):
 def tiles_of(v: tuple | None) -> qmm.Tiles | None:
     if v is None:
         return None
-    bn, bk, warps, stages, magic, split = v
-    return qmm.Tiles(block_n=bn, block_k=bk, num_warps=warps, num_stages=stages, magic=magic, split_k=split)
+    bn, bk, warps, stages, magic, split, int_dot = v
+    return qmm.Tiles(block_n=bn, block_k=bk, num_warps=warps, num_stages=stages, magic=magic, split_k=split,
+                     int_dot=int_dot)  # fmt: skip
 
 
 def qmm_call(x, lin, tiles):
@@ -222,7 +232,7 @@ def same_bytes_copy(size: int) -> tuple[float, float]:
 def gemv(log: Log, quick: bool) -> None:
     shapes = GEMV_SHAPES
     sweep = SWEEP[:1] if quick else SWEEP
-    print("\n| weights | N × K | MB packed | tiles (bn, bk, warps, stages, magic, split) | µs | GB/s | "
+    print("\n| weights | N × K | MB packed | tiles (bn, bk, warps, stages, magic, split, int dot) | µs | GB/s | "
           "of same-bytes copy | err |")  # fmt: skip
     print("|---|---|---|---|---|---|---|---|")
     for name, spec in SPECS.items():
@@ -238,7 +248,7 @@ def gemv(log: Log, quick: bool) -> None:
                 tiles = tiles_of(v) or qmm.default_tiles(1, n, k, spec)
                 t = tiles
                 row = {"weights": name, "N": n, "K": k, "M": 1, "bytes": size, "tiles": [t.block_n, t.block_k,
-                       t.num_warps, t.num_stages, t.magic, t.split_k, "default" if v is None else ""],
+                       t.num_warps, t.num_stages, t.magic, t.split_k, t.int_dot, "default" if v is None else ""],
                        "copy_us": copy_us, "copy_GBps_rw": copy_bw}  # fmt: skip
                 l0 = lins[0]
                 try:
@@ -320,14 +330,14 @@ def moe_bench(log: Log) -> None:
             ref_us = graph_us([partial(REF.moe, x, mlp, **kw) for mlp in layers], trials=5)
             read = tokens * top_k * per_expert  # each pair reads its expert
             routes = [fused.route(TritonOps().linear(x, mlp.router), top_k) for mlp in layers]
-            for bn, bk, warps in MOE_TILES:  # the two expert kernels alone, on each layer's routing
-                t = dict(block_n=bn, block_k=bk, num_warps=warps)
+            for bn, bk, warps, int_dot in MOE_TILES:  # the two expert kernels alone, on each layer's routing
+                t = dict(block_n=bn, block_k=bk, num_warps=warps, int_dot=int_dot)
                 us = graph_us([partial(moe.experts, x, mlp.experts, *r, limit=7.0, alpha=1.702, **t)
                                for mlp, r in zip(layers, routes, strict=True)])  # fmt: skip
-                log.put("moe", {"experts": name, "tokens": tokens, "tiles": [bn, bk, warps], "us": us,
+                log.put("moe", {"experts": name, "tokens": tokens, "tiles": [bn, bk, warps, int_dot], "us": us,
                                 "ref_us": ref_us, "bytes": read, "err": err})  # fmt: skip
-                print(f"| {name} | {tokens} | experts {[bn, bk, warps]} | {us:.1f} | {ref_us:.1f} | {read / 1e6:.1f} | "
-                      f"{read / us / 1e3:.0f} | {err:.1e} |")  # fmt: skip
+                print(f"| {name} | {tokens} | experts {[bn, bk, warps, int_dot]} | {us:.1f} | {ref_us:.1f} | "
+                      f"{read / 1e6:.1f} | {read / us / 1e3:.0f} | {err:.1e} |")  # fmt: skip
             us = graph_us([partial(TritonOps().moe, x, mlp, **kw) for mlp in layers])
             log.put("moe", {"experts": name, "tokens": tokens, "tiles": "default, with router", "us": us,
                             "ref_us": ref_us, "bytes": read, "err": err})  # fmt: skip
@@ -448,13 +458,13 @@ def warm_one(job: tuple) -> str:
             qmm.REDUCE_MAX_ROWS = reduce_rows
             qmm_call(torch.randn(m, k, device=DEV).to(BF16), lin, tiles_of(v))
         else:
-            _, name, (bn, bk, warps) = job
+            _, name, (bn, bk, warps, int_dot) = job
             (E, C, I), spec = MOE_DIMS, SPECS[name]
             ex = SimpleNamespace(gate_proj=random_linear(spec, (E,), I, C), up_proj=random_linear(spec, (E,), I, C),
                                  down_proj=random_linear(spec, (E,), C, I))  # fmt: skip
             top_i = torch.randint(0, E, (1, 4), device=DEV)
             moe.experts(torch.randn(1, C, device=DEV).to(BF16), ex, top_i, torch.rand(1, 4, device=DEV), limit=7.0,
-                        alpha=1.702, block_n=bn, block_k=bk, num_warps=warps)  # fmt: skip
+                        alpha=1.702, block_n=bn, block_k=bk, num_warps=warps, int_dot=int_dot)  # fmt: skip
         torch.cuda.synchronize() if not DRY else None
         return "ok"
     except Exception as e:

@@ -109,6 +109,27 @@ def test_qmm_split_k_and_tile_edges(spec, rows):
         assert rel_err(out, REF.linear(x.float(), as_float(lin))) < TOL, (n, split)
 
 
+INT_SPECS = [QuantSpec(4, 32), QuantSpec(4, 64), QuantSpec(4, 128), QuantSpec(8, 64), QuantSpec(4, 32, "mxfp4")]
+INT_TOL = 1e-2 if CUDA else 2e-4  # x as int16 codes: 15 bits a group, more than bfloat16's 8
+
+
+@pytest.mark.parametrize("spec", INT_SPECS, ids=spec_id)
+def test_one_row_integer_dot_equals_the_dequantized_matmul(spec):
+    # x rounded to int16 per group and multiplied in integer dot products (qmm.Tiles.int_dot, dp2a on the
+    # GPU, the same integers emulated in the interpreter): N = 33, K = 384 in 128-wide steps, split three
+    # ways and not; an all-zero group of x; affine scales of both signs.
+    x = activations(1, 384, seed=11)
+    x[0, 128:256] = 0
+    for n, split, bias in [(33, 3, True), (70, 1, False)]:
+        lin = quantized(spec, (), n, 384, bias=bias, seed=n + spec.group_size)
+        if lin.biases is not None:
+            lin.scales[::3] *= -1  # what the layout allows: a negated scale and its bias, the same codes
+            lin.biases[::3] = -lin.biases[::3]
+        tiles = qmm.Tiles(block_n=8, block_k=128, num_warps=2, split_k=split, int_dot=True)
+        out = qmm.qmm(x, lin.weight, lin.scales, lin.biases, lin.bias, spec, tiles=tiles)
+        assert rel_err(out, REF.linear(x.float(), as_float(lin))) < INT_TOL, (n, split)
+
+
 def test_mxfp4_one_row_decode_is_exact_for_every_code_scale_and_activation_size():
     """Every E2M1 code (both signs, the subnormal ±0.5) under scale bytes from 0 (2^−127) to 2^8, against
     activations of both signs from 1e-13 to 1e3, through the one-row kernel's decode from float bits
@@ -244,6 +265,17 @@ def test_moe_decode_equals_the_reference(gate_up, down, inter, tokens):
     out = TritonOps().moe(x, mlp, **kw)
     ref = REF.moe(x.float(), float_moe(mlp), **kw)
     assert out.dtype == x.dtype and rel_err(out, ref) < TOL
+
+
+@pytest.mark.parametrize("gate_up, down", [(QuantSpec(4, 32, "mxfp4"),) * 2, (QuantSpec(4, 64), QuantSpec(8, 64))],
+                         ids=["mxfp4", "4b-8b"])  # fmt: skip
+def test_moe_decode_through_integer_dots_equals_the_reference(gate_up, down, monkeypatch):
+    forced = qmm.int_dot_mode
+    monkeypatch.setattr(moe, "int_dot_mode", lambda flag, dtype, spec, device: forced(True, dtype, spec, device))
+    mlp = moe_weights(gate_up, down, experts=6, hidden=64, inter=128)
+    x = activations(2, 64, seed=4)
+    kw = dict(top_k=2, limit=7.0, alpha=1.702)
+    assert rel_err(TritonOps().moe(x, mlp, **kw), REF.moe(x.float(), float_moe(mlp), **kw)) < INT_TOL
 
 
 def test_moe_beyond_the_gathered_pairs_takes_the_grouped_kernels(monkeypatch):

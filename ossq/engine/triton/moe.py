@@ -43,14 +43,15 @@ import triton.language as tl
 from torch import Tensor
 
 from ossq.engine.triton.launch import launch_args, wait_for_inputs
-from ossq.engine.triton.qmm import _row_matvec, _step, check_layout
+from ossq.engine.triton.qmm import _row_matvec, _step, check_layout, int_dot_mode
 
 
 @triton.jit
 def _gate_up_kernel(x_ptr, idx_ptr, gw, gs, gb, gbias, uw, us, ub, ubias, act_ptr, I, K, limit, alpha,
                     stride_xm, stride_we, stride_wn, stride_se, stride_sn, stride_bias_e, TOP_K: tl.constexpr,
                     BITS: tl.constexpr, G: tl.constexpr, MXFP4: tl.constexpr, HAS_BIAS: tl.constexpr,
-                    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, MAGIC: tl.constexpr, PDL: tl.constexpr):  # fmt: skip
+                    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, MAGIC: tl.constexpr, INT_DOT: tl.constexpr,
+                    PDL: tl.constexpr):  # fmt: skip
     wait_for_inputs(PDL)
     pid_n = tl.program_id(0)
     pair = tl.program_id(1)
@@ -61,9 +62,9 @@ def _gate_up_kernel(x_ptr, idx_ptr, gw, gs, gb, gbias, uw, us, ub, ubias, act_pt
         n_mask = offs_n < I
         w_off, s_off = expert * stride_we, expert * stride_se
         g = _row_matvec(x_row, gw + w_off, gs + s_off, gb + s_off, offs_n, n_mask, 0, K, stride_wn, stride_sn,
-                        BITS, G, MXFP4, BLOCK_N, BLOCK_K, MAGIC)  # fmt: skip
+                        BITS, G, MXFP4, BLOCK_N, BLOCK_K, MAGIC, INT_DOT)  # fmt: skip
         u = _row_matvec(x_row, uw + w_off, us + s_off, ub + s_off, offs_n, n_mask, 0, K, stride_wn, stride_sn,
-                        BITS, G, MXFP4, BLOCK_N, BLOCK_K, MAGIC)  # fmt: skip
+                        BITS, G, MXFP4, BLOCK_N, BLOCK_K, MAGIC, INT_DOT)  # fmt: skip
         if HAS_BIAS:
             g += tl.load(gbias + expert * stride_bias_e + offs_n, mask=n_mask, other=0).to(tl.float32)
             u += tl.load(ubias + expert * stride_bias_e + offs_n, mask=n_mask, other=0).to(tl.float32)
@@ -77,7 +78,7 @@ def _gate_up_kernel(x_ptr, idx_ptr, gw, gs, gb, gbias, uw, us, ub, ubias, act_pt
 def _down_kernel(act_ptr, idx_ptr, route_ptr, dw, ds, db, dbias, out_ptr, C, I, stride_we, stride_wn, stride_se,
                  stride_sn, stride_bias_e, stride_om, TOP_K: tl.constexpr, BITS: tl.constexpr, G: tl.constexpr,
                  MXFP4: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                 MAGIC: tl.constexpr, PDL: tl.constexpr):  # fmt: skip
+                 MAGIC: tl.constexpr, INT_DOT: tl.constexpr, PDL: tl.constexpr):  # fmt: skip
     wait_for_inputs(PDL)
     pid_n = tl.program_id(0)
     token = tl.program_id(1)
@@ -90,7 +91,7 @@ def _down_kernel(act_ptr, idx_ptr, route_ptr, dw, ds, db, dbias, out_ptr, C, I, 
         if expert >= 0:
             w_off, s_off = expert * stride_we, expert * stride_se
             y = _row_matvec(act_ptr + pair.to(tl.int64) * I, dw + w_off, ds + s_off, db + s_off, offs_n, n_mask,
-                            0, I, stride_wn, stride_sn, BITS, G, MXFP4, BLOCK_N, BLOCK_K, MAGIC)  # fmt: skip
+                            0, I, stride_wn, stride_sn, BITS, G, MXFP4, BLOCK_N, BLOCK_K, MAGIC, INT_DOT)  # fmt: skip
             if HAS_BIAS:
                 y += tl.load(dbias + expert * stride_bias_e + offs_n, mask=n_mask, other=0).to(tl.float32)
             out += tl.load(route_ptr + pair) * y
@@ -118,10 +119,12 @@ def experts(
     block_k: int = 1024,
     num_warps: int = 4,
     magic: bool = True,
+    int_dot: bool | None = None,
 ) -> Tensor:
     """x (N, C), expert ids top_i (N, k), routing weights route (N, k) → Σ_j route[:, j]·expert_j(x), (N, C)
     in x's dtype. `experts` holds gate_proj/up_proj (E, I, C) and down_proj (E, C, I) stacks, gate and up
-    stored alike. A pair of expert id −1 (another rank's expert, tensor parallel) adds nothing."""
+    stored alike. A pair of expert id −1 (another rank's expert, tensor parallel) adds nothing. `int_dot`
+    as qmm.Tiles' (the float32 act between the kernels counts as x's dtype: TorchOps rounds it to it)."""
     gate, up, down = experts.gate_proj, experts.up_proj, experts.down_proj
     assert gate.spec == up.spec and (gate.bias is None) == (up.bias is None)
     x = x.contiguous()
@@ -138,8 +141,8 @@ def experts(
         x, idx, gw, gs, gb, gbias, uw, us, ub, ubias, act, I, C, float(limit), float(alpha),
         x.stride(0), gw.stride(0), gw.stride(1), gs.stride(0), gs.stride(1), gbias.stride(0),
         TOP_K=k, BITS=gate.spec.bits, G=gate.spec.group_size, MXFP4=gate.spec.mode == "mxfp4",
-        HAS_BIAS=gate.bias is not None, BLOCK_N=block_n, BLOCK_K=bk, MAGIC=magic, num_warps=num_warps,
-        **launch_args(x.device),
+        HAS_BIAS=gate.bias is not None, BLOCK_N=block_n, BLOCK_K=bk, MAGIC=magic,
+        INT_DOT=int_dot_mode(int_dot, x.dtype, gate.spec, x.device), num_warps=num_warps, **launch_args(x.device),
     )  # fmt: skip
     out = torch.empty_like(x)
     dw, ds, db, dbias = _stack_args(down, I)
@@ -148,8 +151,8 @@ def experts(
         act, idx, route, dw, ds, db, dbias, out, C, I, dw.stride(0), dw.stride(1), ds.stride(0), ds.stride(1),
         dbias.stride(0), out.stride(0),
         TOP_K=k, BITS=down.spec.bits, G=down.spec.group_size, MXFP4=down.spec.mode == "mxfp4",
-        HAS_BIAS=down.bias is not None, BLOCK_N=block_n, BLOCK_K=bk, MAGIC=magic, num_warps=num_warps,
-        **launch_args(x.device),
+        HAS_BIAS=down.bias is not None, BLOCK_N=block_n, BLOCK_K=bk, MAGIC=magic,
+        INT_DOT=int_dot_mode(int_dot, x.dtype, down.spec, x.device), num_warps=num_warps, **launch_args(x.device),
     )  # fmt: skip
     return out
 

@@ -50,7 +50,8 @@ class Tiles:
     split_k: int | None = None
     num_warps: int = 4
     num_stages: int = 2
-    magic: bool = True  # decode codes through float bits (see _tile) rather than integer conversion
+    magic: bool = True  # decode codes through float bits (see _values) rather than integer conversion
+    int_dot: bool | None = None  # one-row path: x as int16 and integer dot products (int_dot_mode)
 
 
 # ----------------------------------------------------------------------------------------------- kernels
@@ -239,11 +240,155 @@ def _word_dot(v, scale, bias, x, P: tl.constexpr, MXFP4: tl.constexpr):
 
 
 @triton.jit
+def _x_int16(x, G: tl.constexpr, BLOCK_K: tl.constexpr, P: tl.constexpr, PAIRS_BY_NIBBLE: tl.constexpr):
+    """x (NGT, G) float32 → its codes xq = round(x / dx) in int16 per group (dx = max |x| / 32767), as four
+    int32 words (W,) of int16 pairs, each the pair of x elements one integer dot-product instruction meets
+    (_word_idot) — (0, 1), (2, 3), … in element order, or, for affine 4-bit words (PAIRS_BY_NIBBLE), the
+    even-nibble pairs (0, 2), (4, 6) then the odd ones (1, 3), (5, 7) — and dx (NGT,). The rounding adds
+    1.5·2^23, which leaves round(x / dx) in the low mantissa bits; 15 bits a group keep more of x than its
+    bfloat16 storage has."""
+    W: tl.constexpr = BLOCK_K // P
+    amax = tl.max(tl.abs(x), 1)
+    inv = tl.where(amax > 1e-30, 32767.0 / tl.maximum(amax, 1e-30), 0.0)  # all-zero (or vanishing) groups: 0
+    xq = tl.reshape((x * inv[:, None] + 12582912.0).to(tl.int32, bitcast=True) - 0x4B400000, (W, P))
+    lo, hi = tl.split(tl.reshape(xq, (W, P // 2, 2)))
+    if PAIRS_BY_NIBBLE:  # lo: elements 0, 2, 4, 6 of each word; hi: 1, 3, 5, 7
+        e0, e1 = tl.split(tl.reshape(lo, (W, 2, 2)))  # (0, 4), (2, 6)
+        o0, o1 = tl.split(tl.reshape(hi, (W, 2, 2)))  # (1, 5), (3, 7)
+        x0, x1 = tl.split(tl.reshape((e0 & 0xFFFF) | (e1 << 16), (W, 2)))  # (0, 2), (4, 6)
+        x2, x3 = tl.split(tl.reshape((o0 & 0xFFFF) | (o1 << 16), (W, 2)))  # (1, 3), (5, 7)
+    else:
+        packed = (lo & 0xFFFF) | (hi << 16)  # (W, P/2): pairs in element order
+        if P == 8:
+            a, b = tl.split(tl.reshape(packed, (W, 2, 2)))
+            x0, x2 = tl.split(a)
+            x1, x3 = tl.split(b)
+        else:
+            x0, x1 = tl.split(packed)
+            x2 = x0
+            x3 = x1
+    return x0, x1, x2, x3, amax / 32767.0
+
+
+# _word_idot's instructions, a word w ($1) against four int16 pairs ($2 … $5) → $0 (PTX ISA: dp2a, prmt;
+# the E2M1 tables: 2·E2M1 as bytes, 0 … 12 and 0 … −12)
+_DP2A_E2M1 = tl.constexpr("""{ .reg .b32 s, t, p, n, v, h, pa, pb, na, nb;
+mov.b32 pa, 0x03020100; mov.b32 pb, 0x0C080604; mov.b32 na, 0xFDFEFF00; mov.b32 nb, 0xF4F8FAFC;
+mov.b32 $0, 0; mov.b32 h, $1;
+and.b32 s, h, 0x7777; shr.b32 t, h, 1; and.b32 t, t, 0x4444; or.b32 t, t, 0x3210;
+prmt.b32 p, pa, pb, s; prmt.b32 n, na, nb, s; prmt.b32 v, p, n, t;
+dp2a.lo.s32.s32 $0, $2, v, $0; dp2a.hi.s32.s32 $0, $3, v, $0;
+shr.b32 h, h, 16;
+and.b32 s, h, 0x7777; shr.b32 t, h, 1; and.b32 t, t, 0x4444; or.b32 t, t, 0x3210;
+prmt.b32 p, pa, pb, s; prmt.b32 n, na, nb, s; prmt.b32 v, p, n, t;
+dp2a.lo.s32.s32 $0, $4, v, $0; dp2a.hi.s32.s32 $0, $5, v, $0; }""")
+_DP2A_NIBBLES = tl.constexpr("""{ .reg .b32 lo, hi;
+and.b32 lo, $1, 0x0F0F0F0F; shr.b32 hi, $1, 4; and.b32 hi, hi, 0x0F0F0F0F;
+mov.b32 $0, 0; dp2a.lo.s32.u32 $0, $2, lo, $0; dp2a.hi.s32.u32 $0, $3, lo, $0;
+dp2a.lo.s32.u32 $0, $4, hi, $0; dp2a.hi.s32.u32 $0, $5, hi, $0; }""")
+_DP2A_BYTES = tl.constexpr("mov.b32 $0, 0; dp2a.lo.s32.u32 $0, $2, $1, $0; dp2a.hi.s32.u32 $0, $3, $1, $0;")
+
+
+@triton.jit
+def _asm_dot(asm: tl.constexpr, w, a0, a1, a2, a3):
+    return tl.inline_asm_elementwise(asm, "=r,r,r,r,r,r", [w.to(tl.int32, bitcast=True), a0, a1, a2, a3],
+                                     dtype=tl.int32, is_pure=True, pack=1)  # fmt: skip
+
+
+@triton.jit
+def _word_idot(w, x0, x1, x2, x3, BITS: tl.constexpr, MXFP4: tl.constexpr, MODE: tl.constexpr):
+    """int32 (BN, W): per stored word w (BN, W), Σ over its codes of code·xq, the x codes as the int16
+    pairs of _x_int16 (W,) — affine codes as stored, MXFP4 as 2·E2M1 (−12 … 12). MODE 2: a dp2a
+    instruction per pair (two int16 × 8-bit products each), MXFP4 nibbles made signed bytes by two byte
+    permutes over tables of the positive and negative values and a third picking by the sign; MODE 1: the
+    same operands and products from plain Triton operations, step for step (the CPU interpreter runs no
+    inline assembly)."""
+    if MODE == 2:
+        a0 = tl.broadcast_to(x0[None, :], w.shape)
+        a1 = tl.broadcast_to(x1[None, :], w.shape)
+        a2 = tl.broadcast_to(x2[None, :], w.shape)
+        a3 = tl.broadcast_to(x3[None, :], w.shape)
+        if MXFP4:
+            return _asm_dot(_DP2A_E2M1, w, a0, a1, a2, a3)
+        elif BITS == 4:
+            return _asm_dot(_DP2A_NIBBLES, w, a0, a1, a2, a3)
+        else:  # 8-bit: the word's bytes are its codes; a2, a3 repeat a0, a1 and are not read
+            return _asm_dot(_DP2A_BYTES, w, a0, a1, a2, a3)
+    else:
+        w = w.to(tl.int32, bitcast=True)
+        a0 = x0[None, :]
+        a1 = x1[None, :]
+        if MXFP4:
+            lo = _e2m1_bytes(w)
+            hi = _e2m1_bytes(w >> 16)
+            return (_dp2a(a0, lo, False, True) + _dp2a(a1, lo, True, True) + _dp2a(x2[None, :], hi, False, True)
+                    + _dp2a(x3[None, :], hi, True, True))  # fmt: skip
+        elif BITS == 4:
+            lo = w & 0x0F0F0F0F
+            hi = (w >> 4) & 0x0F0F0F0F
+            return (_dp2a(a0, lo, False, False) + _dp2a(a1, lo, True, False) + _dp2a(x2[None, :], hi, False, False)
+                    + _dp2a(x3[None, :], hi, True, False))  # fmt: skip
+        else:
+            return _dp2a(a0, w, False, False) + _dp2a(a1, w, True, False)
+
+
+@triton.jit
+def _dp2a(a, b, HI: tl.constexpr, SIGNED: tl.constexpr):
+    """dp2a's integer: a's two int16 halves times bytes 0, 1 of b (2, 3 with HI), unsigned or signed."""
+    SH: tl.constexpr = 16 if HI else 0
+    b0 = (b >> SH) & 0xFF
+    b1 = (b >> (SH + 8)) & 0xFF
+    if SIGNED:
+        b0 = (b0 ^ 0x80) - 0x80
+        b1 = (b1 ^ 0x80) - 0x80
+    return ((a << 16) >> 16) * b0 + (a >> 16) * b1
+
+
+@triton.jit
+def _e2m1_bytes(h):
+    """The low four E2M1 nibbles of h as the signed bytes 2·E2M1 the byte permutes of _word_idot build."""
+    v = tl.zeros_like(h)
+    for i in tl.static_range(4):
+        q = (h >> (4 * i)) & 15
+        e = (q >> 1) & 3
+        m = q & 1
+        t = tl.where(e == 0, m, (2 + m) << tl.maximum(e - 1, 0))
+        v |= (tl.where((q & 8) != 0, -t, t) & 0xFF) << (8 * i)
+    return v
+
+
+@triton.jit
 def _row_matvec(x_ptr, w_ptr, s_ptr, b_ptr, offs_n, n_mask, k_start, k_end, stride_wn, stride_sn,
                 BITS: tl.constexpr, G: tl.constexpr, MXFP4: tl.constexpr, BLOCK_N: tl.constexpr,
-                BLOCK_K: tl.constexpr, MAGIC: tl.constexpr):  # fmt: skip
-    """(BLOCK_N,) float32: rows offs_n of W (from the stored layout) times x[k_start:k_end]."""
-    if 32 % BITS == 0:
+                BLOCK_K: tl.constexpr, MAGIC: tl.constexpr, INT_DOT: tl.constexpr):  # fmt: skip
+    """(BLOCK_N,) float32: rows offs_n of W (from the stored layout) times x[k_start:k_end].
+
+    INT_DOT (1: emulated, 2: dp2a; bits 4 and 8, MXFP4): x is rounded to int16 per group at each step
+    (_x_int16) and each word's codes meet it in integer dot products, about one instruction a weight
+    where the float decode takes six; per group the integer sum times dx·scale, plus bias·Σx from x
+    itself."""
+    if INT_DOT != 0:
+        P: tl.constexpr = 32 // BITS
+        NGT: tl.constexpr = BLOCK_K // G
+        acc = tl.zeros((BLOCK_N, NGT, G // P), tl.float32)
+        acc_b = tl.zeros((BLOCK_N, NGT), tl.float32)
+        w = _words(w_ptr, offs_n, n_mask, k_start, k_end, stride_wn, BITS, G, BLOCK_K)
+        s, b = _scales(s_ptr, b_ptr, offs_n, n_mask, k_start, k_end, stride_sn, G, MXFP4, BLOCK_K)
+        for k0 in range(k_start, k_end, BLOCK_K):
+            w_next = _words(w_ptr, offs_n, n_mask, k0 + BLOCK_K, k_end, stride_wn, BITS, G, BLOCK_K)
+            s_next, b_next = _scales(s_ptr, b_ptr, offs_n, n_mask, k0 + BLOCK_K, k_end, stride_sn, G, MXFP4, BLOCK_K)
+            x = _x_tile(x_ptr, k0, k_end, G, BLOCK_K)
+            x0, x1, x2, x3, dx = _x_int16(x, G, BLOCK_K, P, BITS == 4 and not MXFP4)
+            dots = _word_idot(w, x0, x1, x2, x3, BITS, MXFP4, INT_DOT)
+            if MXFP4:
+                f = _e8m0(s) * (0.5 * dx)[None, :]  # the codes are 2·E2M1
+            else:
+                f = s.to(tl.float32) * dx[None, :]
+                acc_b += b.to(tl.float32) * tl.sum(x, 1)[None, :]
+            acc += tl.reshape(dots.to(tl.float32), (BLOCK_N, NGT, G // P)) * f[:, :, None]
+            w, s, b = w_next, s_next, b_next
+        return tl.sum(tl.sum(acc, 2), 1) + tl.sum(acc_b, 1)
+    elif 32 % BITS == 0:
         P: tl.constexpr = 32 // BITS
         acc = tl.zeros((BLOCK_N, BLOCK_K // G, G // P), tl.float32)
         # a register double buffer: the next step's words and scales are requested before this step's
@@ -307,7 +452,7 @@ def _epilogue(acc, offs_m, offs_n, mask, out_ptr, part_ptr, ticket_ptr, bias_ptr
 def _qmv_kernel(x_ptr, w_ptr, s_ptr, b_ptr, bias_ptr, out_ptr, part_ptr, ticket_ptr, M, N, K, k_per_split,
                 stride_xm, stride_wn, stride_sn, stride_om, BITS: tl.constexpr, G: tl.constexpr,
                 MXFP4: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                DIRECT: tl.constexpr, MAGIC: tl.constexpr, PDL: tl.constexpr):  # fmt: skip
+                DIRECT: tl.constexpr, MAGIC: tl.constexpr, INT_DOT: tl.constexpr, PDL: tl.constexpr):  # fmt: skip
     """Grid (M, N tiles, splits): one row times BLOCK_N rows of W over one K split, on the CUDA cores."""
     wait_for_inputs(PDL)
     m = tl.program_id(0)
@@ -318,7 +463,7 @@ def _qmv_kernel(x_ptr, w_ptr, s_ptr, b_ptr, bias_ptr, out_ptr, part_ptr, ticket_
     k_start = sp * k_per_split
     k_end = tl.minimum(k_start + k_per_split, K)
     acc = _row_matvec(x_ptr + m.to(tl.int64) * stride_xm, w_ptr, s_ptr, b_ptr, offs_n, n_mask, k_start, k_end,
-                      stride_wn, stride_sn, BITS, G, MXFP4, BLOCK_N, BLOCK_K, MAGIC)  # fmt: skip
+                      stride_wn, stride_sn, BITS, G, MXFP4, BLOCK_N, BLOCK_K, MAGIC, INT_DOT)  # fmt: skip
     offs_m = m + tl.arange(0, 1)
     _epilogue(acc[None, :], offs_m, offs_n, n_mask[None, :], out_ptr, part_ptr, ticket_ptr, bias_ptr,
               m * tl.num_programs(1) + pid_n, sp, tl.num_programs(2), M, N, stride_om, HAS_BIAS, DIRECT)  # fmt: skip
@@ -407,6 +552,16 @@ def check_layout(w: Tensor, scales: Tensor, biases: Tensor | None, spec: QuantSp
     assert biases is None or biases.shape == scales.shape
 
 
+def int_dot_mode(flag: bool | None, dtype: torch.dtype, spec: QuantSpec, device: torch.device) -> int:
+    """_row_matvec's INT_DOT for activations of `dtype`: 0 (float decode), 1 (integer dot, emulated: the
+    interpreter), 2 (dp2a). `flag` None: on for bfloat16 and float16 activations, whose bits int16 codes
+    keep, off for float32 ones (the float path is exact to rounding there); bits 4 and 8 and MXFP4 only."""
+    on = dtype != torch.float32 if flag is None else flag
+    if not on or spec.bits not in (4, 8):
+        return 0
+    return 2 if device.type == "cuda" else 1
+
+
 def qmm(
     x: Tensor,
     weight: Tensor,
@@ -443,7 +598,7 @@ def qmm(
                   BLOCK_N=tiles.block_n, BLOCK_K=tiles.block_k, DIRECT=direct, MAGIC=tiles.magic,
                   num_warps=tiles.num_warps, num_stages=tiles.num_stages, **launch_args(x.device))  # fmt: skip
     if reduce:
-        _qmv_kernel[(M, n_tiles, splits)](*args, **common)
+        _qmv_kernel[(M, n_tiles, splits)](*args, INT_DOT=int_dot_mode(tiles.int_dot, x.dtype, spec, x.device), **common)
     else:
         precision = "ieee" if x.dtype == torch.float32 else "tf32"
         _qmm_kernel[(n_tiles, splits, row_tiles)](*args, BLOCK_M=tiles.block_m, PRECISION=precision, **common)
