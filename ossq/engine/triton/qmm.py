@@ -367,30 +367,11 @@ def _row_matvec(x_ptr, w_ptr, s_ptr, b_ptr, offs_n, n_mask, k_start, k_end, stri
     (_x_int16) and each word's codes meet it in integer dot products, about one instruction a weight
     where the float decode takes six; per group the integer sum times dx·scale, plus bias·Σx from x
     itself."""
-    if INT_DOT != 0:
+    if 32 % BITS == 0:
         P: tl.constexpr = 32 // BITS
         NGT: tl.constexpr = BLOCK_K // G
         acc = tl.zeros((BLOCK_N, NGT, G // P), tl.float32)
-        acc_b = tl.zeros((BLOCK_N, NGT), tl.float32)
-        w = _words(w_ptr, offs_n, n_mask, k_start, k_end, stride_wn, BITS, G, BLOCK_K)
-        s, b = _scales(s_ptr, b_ptr, offs_n, n_mask, k_start, k_end, stride_sn, G, MXFP4, BLOCK_K)
-        for k0 in range(k_start, k_end, BLOCK_K):
-            w_next = _words(w_ptr, offs_n, n_mask, k0 + BLOCK_K, k_end, stride_wn, BITS, G, BLOCK_K)
-            s_next, b_next = _scales(s_ptr, b_ptr, offs_n, n_mask, k0 + BLOCK_K, k_end, stride_sn, G, MXFP4, BLOCK_K)
-            x = _x_tile(x_ptr, k0, k_end, G, BLOCK_K)
-            x0, x1, x2, x3, dx = _x_int16(x, G, BLOCK_K, P, BITS == 4 and not MXFP4)
-            dots = _word_idot(w, x0, x1, x2, x3, BITS, MXFP4, INT_DOT)
-            if MXFP4:
-                f = _e8m0(s) * (0.5 * dx)[None, :]  # the codes are 2·E2M1
-            else:
-                f = s.to(tl.float32) * dx[None, :]
-                acc_b += b.to(tl.float32) * tl.sum(x, 1)[None, :]
-            acc += tl.reshape(dots.to(tl.float32), (BLOCK_N, NGT, G // P)) * f[:, :, None]
-            w, s, b = w_next, s_next, b_next
-        return tl.sum(tl.sum(acc, 2), 1) + tl.sum(acc_b, 1)
-    elif 32 % BITS == 0:
-        P: tl.constexpr = 32 // BITS
-        acc = tl.zeros((BLOCK_N, BLOCK_K // G, G // P), tl.float32)
+        acc_b = tl.zeros((BLOCK_N, NGT), tl.float32)  # the integer dot's bias·Σx
         # a register double buffer: the next step's words and scales are requested before this step's
         # arithmetic, so each program keeps two steps of loads in flight
         w = _words(w_ptr, offs_n, n_mask, k_start, k_end, stride_wn, BITS, G, BLOCK_K)
@@ -399,15 +380,24 @@ def _row_matvec(x_ptr, w_ptr, s_ptr, b_ptr, offs_n, n_mask, k_start, k_end, stri
             w_next = _words(w_ptr, offs_n, n_mask, k0 + BLOCK_K, k_end, stride_wn, BITS, G, BLOCK_K)
             s_next, b_next = _scales(s_ptr, b_ptr, offs_n, n_mask, k0 + BLOCK_K, k_end, stride_sn, G, MXFP4, BLOCK_K)
             x = _x_tile(x_ptr, k0, k_end, G, BLOCK_K)
-            if MXFP4 and MAGIC:
+            if INT_DOT != 0:
+                x0, x1, x2, x3, dx = _x_int16(x, G, BLOCK_K, P, BITS == 4 and not MXFP4)
+                dots = _word_idot(w, x0, x1, x2, x3, BITS, MXFP4, INT_DOT)
+                if MXFP4:
+                    f = _e8m0(s) * (0.5 * dx)[None, :]  # the codes are 2·E2M1
+                else:
+                    f = s.to(tl.float32) * dx[None, :]
+                    acc_b += b.to(tl.float32) * tl.sum(x, 1)[None, :]
+                acc += tl.reshape(dots.to(tl.float32), (BLOCK_N, NGT, G // P)) * f[:, :, None]
+            elif MXFP4 and MAGIC:
                 acc += _e2m1_word_dot(w, s, x, G, BLOCK_N, BLOCK_K)
             else:
                 v, scale, bias = _values(_spread(w, BITS, BLOCK_N, BLOCK_K), s, b, BITS, G, MXFP4, MAGIC, BLOCK_N,
                                          BLOCK_K)  # fmt: skip
                 acc += _word_dot(v, scale, bias, x, P, MXFP4)
             w, s, b = w_next, s_next, b_next
-        total = tl.sum(tl.sum(acc, 2), 1)
-        if MXFP4 and MAGIC:
+        total = tl.sum(tl.sum(acc, 2), 1) + tl.sum(acc_b, 1)
+        if MXFP4 and MAGIC and INT_DOT == 0:
             total *= 4.611686018427388e18  # 2^62 (_e2m1_word_dot)
         return total
     else:
