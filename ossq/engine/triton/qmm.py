@@ -316,20 +316,16 @@ def _word_idot(w, x0, x1, x2, x3, BITS: tl.constexpr, MXFP4: tl.constexpr, MODE:
             return _asm_dot(_DP2A_BYTES, w, a0, a1, a2, a3)
     else:
         w = w.to(tl.int32, bitcast=True)
-        a0 = x0[None, :]
-        a1 = x1[None, :]
+        if BITS == 8:
+            return _dp2a(x0[None, :], w, False, False) + _dp2a(x1[None, :], w, True, False)
         if MXFP4:
             lo = _e2m1_bytes(w)
             hi = _e2m1_bytes(w >> 16)
-            return (_dp2a(a0, lo, False, True) + _dp2a(a1, lo, True, True) + _dp2a(x2[None, :], hi, False, True)
-                    + _dp2a(x3[None, :], hi, True, True))  # fmt: skip
-        elif BITS == 4:
+        else:
             lo = w & 0x0F0F0F0F
             hi = (w >> 4) & 0x0F0F0F0F
-            return (_dp2a(a0, lo, False, False) + _dp2a(a1, lo, True, False) + _dp2a(x2[None, :], hi, False, False)
-                    + _dp2a(x3[None, :], hi, True, False))  # fmt: skip
-        else:
-            return _dp2a(a0, w, False, False) + _dp2a(a1, w, True, False)
+        return (_dp2a(x0[None, :], lo, False, MXFP4) + _dp2a(x1[None, :], lo, True, MXFP4)
+                + _dp2a(x2[None, :], hi, False, MXFP4) + _dp2a(x3[None, :], hi, True, MXFP4))  # fmt: skip
 
 
 @triton.jit
