@@ -33,6 +33,9 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "target-3.6-gptq": {"target_bpw": 3.6, "experts": "quantize", "calibrate": "gptq"},
     "target-4.25": {"target_bpw": 4.25, "experts": "quantize"},
     "target-4.25-gptq": {"target_bpw": 4.25, "experts": "quantize", "calibrate": "gptq"},
+    # the experts pinned as released (MXFP4, no loss): the allocator shares the rest of the size out
+    "target-4.25-keep": {"target_bpw": 4.25},
+    "target-4.25-keep-gptq": {"target_bpw": 4.25, "calibrate": "gptq"},
     # the tiered recipe's own size on this model (its embedding and lm_head make it far more than 3.6)
     "target-tiered": {"target_bpw": "tiered", "experts": "quantize"},
     "target-tiered-gptq": {"target_bpw": "tiered", "experts": "quantize", "calibrate": "gptq"},
@@ -55,6 +58,7 @@ VARIANTS: dict[str, dict[str, Any]] = {
             ("gptq-q4g64", {**RTN["q4g64"], "calibrate": "gptq"}),
             ("gptq-q3g64", {**RTN["q3g64"], "calibrate": "gptq"}),
             ("target-4.25-gptq", {"target_bpw": 4.25, "experts": "quantize", "calibrate": "gptq"}),
+            ("target-4.25-keep-gptq", {"target_bpw": 4.25, "calibrate": "gptq"}),
             ("target-4.0-gptq", {"target_bpw": 4.0, "experts": "quantize", "calibrate": "gptq"}),
             ("target-3.6-gptq", {"target_bpw": 3.6, "experts": "quantize", "calibrate": "gptq"}),
         )
@@ -85,6 +89,7 @@ def convert_one(work: Path, name: str, done: dict[str, dict[str, Any]], args: ar
     try:
         r = convert(work / "model", dest, quantize=True, force=True, progress=False, device=args.device, **kwargs)
         out = {"path": str(dest), "bits_per_weight": r.bits_per_weight, "bytes": r.output_bytes}
+        out["storage"] = storage(dest)
         if r.distilled:
             out["distilled"] = dataclasses.asdict(r.distilled)
     except Exception as e:  # a failed variant is a row, not the end of the run
@@ -92,6 +97,23 @@ def convert_one(work: Path, name: str, done: dict[str, dict[str, Any]], args: ar
         out = {"error": f"{type(e).__name__}: {e}"}
     out["convert_seconds"] = round(time.perf_counter() - start, 1)
     print(f"{name}: {out}", flush=True)
+    return out
+
+
+def storage(path: Path) -> dict[str, dict[str, int]]:
+    """Per module kind (q_proj, down_proj, lm_head, …), how many modules each storage holds: what an
+    allocation chose."""
+    from ossq.formats.hf import Checkpoint
+    from ossq.formats.mlx import linear_modules
+
+    ckpt = Checkpoint(path)
+    out: dict[str, dict[str, int]] = {}
+    for m in linear_modules(ckpt.config):
+        s = ckpt.specs[m.path]
+        name = "bf16" if s is None else "mxfp4" if s.mode == "mxfp4" else f"{s.bits}b g{s.group_size}"
+        out.setdefault(m.kind, {}).setdefault(name, 0)
+        out[m.kind][name] += 1
+    ckpt.close()
     return out
 
 

@@ -176,9 +176,11 @@ def convert(
     `calib_data` layer by layer (ossq/calibrate.py) and rounds every affine module with GPTQ, or with AWQ
     scales folded into the norms (quant/gptq.py, quant/awq.py); the output is the same plain MLX affine.
     `target_bpw` chooses each tensor's bits and group (quant/allocate.py), at most `max_bits` bits each
-    (None: bf16 allowed). `distill` > 0 then tunes every affine module's scales and biases for that many
-    steps (Adam at `distill_lr`) against the source's next-token distributions on the calibration text
-    (quant/dwq.py), in the staging directory, before it is published."""
+    (None: bf16 allowed); experts the source stores quantized stay so with `experts="keep"`, and with
+    `"quantize"` their stored MXFP4 is one of the allocator's choices (it costs no loss). `distill` > 0
+    then tunes every affine module's scales and biases for that many steps (Adam at `distill_lr`) against
+    the source's next-token distributions on the calibration text (quant/dwq.py), in the staging
+    directory, before it is published."""
     from rich.console import Console
 
     start = time.perf_counter()
@@ -315,13 +317,15 @@ def _allocated(
     (quant/allocate.py); one full-precision walk over the layers, before anything is written."""
     from ossq.calibrate import Forward, Tokens
 
-    allocate.check_target(ckpt.config, target, max_bits)
-    if experts == "keep" and any(ckpt.specs[m.path] is not None for m in linear_modules(ckpt.config) if m.experts):
-        raise UnsupportedQuantization("--target-bpw chooses the experts' storage too; pass --experts quantize")
+    mods = linear_modules(ckpt.config)
+    stored = {m.path: spec for m in mods if (spec := ckpt.specs[m.path]) is not None}
+    pinned = frozenset(m.path for m in mods if experts == "keep" and m.experts and m.path in stored)
+    space = allocate.Space(max_bits, stored, pinned)
+    allocate.check_target(ckpt.config, target, space)
     ids = calibration_tokens(calibration, ckpt.config.vocab_size)
     console.print(f"measuring sensitivities on {len(ids):,} calibration tokens, layer by layer")
     forward = Forward(_dense_reader(ckpt, ckpt.specs, device), ckpt.config, Tokens.of(ids, device))
-    options = allocate.sensitivities(forward, ckpt.config, max_bits)
+    options = allocate.sensitivities(forward, ckpt.config, space)
     return allocate.recipe(allocate.allocate(options, allocate.module_budget(ckpt.config, target)), target)
 
 

@@ -17,10 +17,12 @@ from ossq.convert import convert
 from ossq.engine.engine import forward_full
 from ossq.engine.ops import TorchOps
 from ossq.errors import OssqError, UnsupportedQuantization
+from ossq.formats.hf import Checkpoint
+from ossq.formats.mlx import linear_modules
 from ossq.quant import affine, allocate, awq, gptq
 from ossq.quant.recipe import Plan
 from ossq.quant.spec import QuantSpec
-from tests.conftest import random_model, small_config, to_mx
+from tests.conftest import random_model, small_config, tensors, to_mx
 
 
 def correlated(n: int, c: int, seed: int = 0) -> torch.Tensor:
@@ -148,7 +150,7 @@ def test_target_bpw_plan_hits_its_bits_per_weight_within_two_hundredths(target):
     model = random_model(config)
     ids = torch.randint(0, 512, (4, 64), generator=torch.Generator().manual_seed(6))
     tokens = Tokens.of(ids.flatten().tolist(), torch.device("cpu"), seq_tokens=64)
-    options = allocate.sensitivities(Forward(buffer_reader(model), config, tokens), config)
+    options = allocate.sensitivities(Forward(buffer_reader(model), config, tokens), config, allocate.Space())
     specs = allocate.allocate(options, allocate.module_budget(config, target))
     bpw = Plan(allocate.recipe(specs, target), config, specs).bits_per_weight
     assert target - 0.02 <= bpw <= target
@@ -160,14 +162,14 @@ def test_max_bits_caps_every_tensor_and_rules_out_bf16():
     model = random_model(config)
     ids = torch.randint(0, 512, (2, 64), generator=torch.Generator().manual_seed(7))
     tokens = Tokens.of(ids.flatten().tolist(), torch.device("cpu"), seq_tokens=64)
-    options = allocate.sensitivities(Forward(buffer_reader(model), config, tokens), config, max_bits=4)
+    options = allocate.sensitivities(Forward(buffer_reader(model), config, tokens), config, allocate.Space(4))
     specs = allocate.allocate(options, allocate.module_budget(config, 4.25))
     assert all(s is not None and s.bits <= 4 for s in specs.values())
     assert Plan(allocate.recipe(specs, 4.25), config, specs).bits_per_weight <= 4.25
     with pytest.raises(UnsupportedQuantization, match="outside what this model can be stored in"):
-        allocate.check_target(config, 6.0, max_bits=4)  # 4-bit g32 everywhere is 5 bits per weight
+        allocate.check_target(config, 6.0, allocate.Space(4))  # 4-bit g32 everywhere is 5 bits per weight
     with pytest.raises(UnsupportedQuantization, match="--max-bits must be one of"):
-        allocate.check_target(config, 4.0, max_bits=7)
+        allocate.check_target(config, 4.0, allocate.Space(7))
 
 
 def test_allocation_prefers_the_sensitive_module_at_equal_cost():
@@ -177,28 +179,42 @@ def test_allocation_prefers_the_sensitive_module_at_equal_cost():
     assert specs == {"a": QuantSpec(4, 64), "b": QuantSpec(2, 64)}
 
 
+def test_allocation_spends_what_a_too_large_hull_step_leaves_on_an_option_off_the_hull():
+    # 3-bit lies above the 2→4-bit chord, so the greedy never stops there; 4-bit does not fit 250 bytes
+    a = [allocate.Option(QuantSpec(2, 64), 100, 1.0), allocate.Option(QuantSpec(3, 64), 220, 0.6)]
+    a.append(allocate.Option(QuantSpec(4, 64), 300, 0.0))
+    assert [o.spec.bits for o in allocate.hull(a)] == [2, 4]
+    assert allocate.allocate({"a": a}, 250) == {"a": QuantSpec(3, 64)}
+
+
 # ---- the converter --------------------------------------------------------------------------------------
-@pytest.mark.parametrize("method", ["gptq", "awq", "target-bpw"])
+@pytest.mark.parametrize("method", ["gptq", "awq", "target-bpw", "target-bpw-keep"])
 def test_mlx_lm_loads_calibrated_output_and_it_runs_like_our_engine(
     method, tiny_checkpoint, calib_text, keep_vocab_recipe, tmp_path
 ):
     """target-bpw: the allocator's mixed bits and groups, rounded with GPTQ, in mlx-lm's per-module
-    quantization config."""
+    quantization config; -keep: beside the source's MXFP4 experts, copied bit for bit."""
     mx = pytest.importorskip("mlx.core")
     mlx_lm_utils = pytest.importorskip("mlx_lm.utils")
     from ossq.engine.load import load_model
 
     out = tmp_path / method
-    if method == "target-bpw":
+    if method.startswith("target-bpw"):
         how = dict(target_bpw=4.5, max_bits=6, calibrate="gptq")
     else:
         how = dict(quant_predicate=str(keep_vocab_recipe), calibrate=method)
+    experts = "keep" if method.endswith("-keep") else "quantize"
     report = convert(
-        tiny_checkpoint, out, quantize=True, experts="quantize", calib_data=str(calib_text), calib_tokens=256,
+        tiny_checkpoint, out, quantize=True, experts=experts, calib_data=str(calib_text), calib_tokens=256,
         progress=False, **how,
     )  # fmt: skip
-    if method == "target-bpw":
+    if method.startswith("target-bpw"):
         assert report.bits_per_weight <= 4.5
+    if experts == "keep":
+        convert(tiny_checkpoint, tmp_path / "stored", progress=False)
+        got, stored = tensors(out), tensors(tmp_path / "stored")
+        expert_tensors = [n for n in stored if ".mlp.experts." in n and not n.endswith("_bias")]
+        assert expert_tensors and all(torch.equal(got[n], stored[n]) for n in expert_tensors)
     model, _ = mlx_lm_utils.load_model(out)
     model.set_dtype(mx.float32)  # bf16 activations flip the argmax of this tiny random model's near-ties
     tokens = [200, 1000, 5000, 70000, 3, 42, 9000, 12]
@@ -220,6 +236,33 @@ def test_target_bpw_dry_run_prints_the_allocated_plan_and_writes_nothing(tiny_ch
     text = buf.getvalue()
     assert "allocated to 4.25 bits per weight" in text and "total" in text
     assert report.bits_per_weight <= 4.25 and not (tmp_path / "out").exists()
+
+
+def test_target_bpw_at_the_sources_size_chooses_the_source_itself(tiny_checkpoint, calib_text, tmp_path):
+    """Stored MXFP4 experts and bf16 elsewhere lose nothing, so at the source's own bits per weight the
+    allocator, free to quantize the experts, keeps them and everything else as they are."""
+    as_stored = convert(tiny_checkpoint, tmp_path / "stored", progress=False)
+    report = convert(
+        tiny_checkpoint, tmp_path / "out", quantize=True, experts="quantize",
+        target_bpw=as_stored.bits_per_weight + 0.01, calib_data=str(calib_text), calib_tokens=128, progress=False,
+    )  # fmt: skip
+    assert report.bits_per_weight == pytest.approx(as_stored.bits_per_weight)
+    got, stored = tensors(tmp_path / "out"), tensors(tmp_path / "stored")
+    assert got.keys() == stored.keys() and all(torch.equal(got[n], stored[n]) for n in stored)
+
+
+def test_kept_experts_bound_the_target_and_the_error_says_how_to_free_them(tiny_checkpoint, calib_text, tmp_path):
+    config = Checkpoint(tiny_checkpoint).config
+    stored = {m.path: QuantSpec(4, 32, "mxfp4") for m in linear_modules(config) if m.experts}
+    free, kept = allocate.Space(None, stored), allocate.Space(None, stored, frozenset(stored))
+    assert allocate.bounds(config, kept)[0] > allocate.bounds(config, free)[0]
+    assert all(kept.candidates(m) == [QuantSpec(4, 32, "mxfp4")] for m in linear_modules(config) if m.experts)
+    with pytest.raises(UnsupportedQuantization, match="pass --experts quantize"):
+        convert(
+            tiny_checkpoint, tmp_path / "out", quantize=True, target_bpw=allocate.bounds(config, free)[0],
+            calib_data=str(calib_text), progress=False,
+        )  # fmt: skip
+    assert not (tmp_path / "out").exists()
 
 
 @pytest.mark.parametrize(

@@ -1,16 +1,19 @@
 """`--target-bpw`: bits and group size per tensor, chosen to hit a size at the least predicted loss.
 
 Sensitivity. For every quantizable module u and every candidate storage c (affine bits 2–8 × groups
-32/64/128 that divide its rows, or bf16), the predicted loss is the relative squared error that u alone,
-rounded to nearest at c, causes where its effect first reaches the residual stream: at its block's output
-for a layer's linears (the block re-run on the calibration sample with only u replaced), at the embedding
-rows for embed_tokens, at the logits for lm_head (tr(ΔW H ΔWᵀ) / tr(W H Wᵀ) with H the final norm's
-second moments). A relative error of the stream is the common currency that lets a router, an expert
-stack and lm_head be traded against each other; it is a first-order proxy for the KL the choice costs.
+32/64/128 that divide its rows, bf16, and the storage the source keeps u in — the released MXFP4 experts
+— which loses nothing because the source is the reference), the predicted loss is the relative squared
+error that u alone, rounded to nearest at c, causes where its effect first reaches the residual
+stream: at its block's output for a layer's linears (the block re-run on the calibration sample with
+only u replaced), at the embedding rows for embed_tokens, at the logits for lm_head (tr(ΔW H ΔWᵀ) /
+tr(W H Wᵀ) with H the final norm's second moments). A relative error of the stream is the common
+currency that lets a router, an expert stack and lm_head be traded against each other; it is a
+first-order proxy for the KL the choice costs.
 
 Allocation. Each module's candidates are reduced to their lower convex hull in (bytes, loss); every module
 starts at its cheapest point, and the upgrade with the largest loss saved per byte that still fits the
-budget is taken until none fits (the classic greedy for a separable knapsack on convex curves). The
+budget is taken until none fits (the classic greedy for a separable knapsack on convex curves); what a
+step too large leaves over then goes to the single swaps, to any candidate, that save the most. The
 budget is mlx-lm's bits-per-weight definition (recipe.Plan.bits_per_weight) solved for bytes, so the
 chosen plan's bpw is at most the target and, on a model whose modules are small against the whole,
 within a few hundredths of it.
@@ -19,8 +22,8 @@ within a few hundredths of it.
 from __future__ import annotations
 
 import heapq
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
@@ -47,40 +50,60 @@ class Option:
     loss: float
 
 
-def candidates(mod: LinearInfo, max_bits: int | None = None) -> list[QuantSpec | None]:
-    """The storages `mod` may get: groups that divide its rows, bits up to `max_bits` (None: up to bf16;
-    a number also rules bf16 out)."""
-    return [
-        c
-        for c in CANDIDATES
-        if (c is None and max_bits is None)
-        or (c is not None and mod.in_features % c.group_size == 0 and c.bits <= (max_bits or 8))
-    ]
+@dataclass(frozen=True)
+class Space:
+    """What each module may be stored in: affine bits up to `max_bits` (None: up to bf16; a number also
+    rules bf16 out) at the groups that divide its rows, and its `stored` spec when the source keeps it
+    quantized. `pinned` modules keep the stored spec and nothing else (`--experts keep`)."""
+
+    max_bits: int | None = None
+    stored: Mapping[str, QuantSpec] = field(default_factory=dict)
+    pinned: frozenset[str] = frozenset()
+
+    def candidates(self, mod: LinearInfo) -> list[QuantSpec | None]:
+        stored = self.stored.get(mod.path)
+        if mod.path in self.pinned and stored is not None:
+            return [stored]
+        out = [
+            c
+            for c in CANDIDATES
+            if (c is None and self.max_bits is None)
+            or (c is not None and mod.in_features % c.group_size == 0 and c.bits <= (self.max_bits or 8))
+        ]
+        if stored is not None and stored not in out and stored.bits <= (self.max_bits or 8):
+            out.append(stored)
+        return out
 
 
-def bounds(config: ModelConfig, max_bits: int | None = None) -> tuple[float, float]:
+def bounds(config: ModelConfig, space: Space) -> tuple[float, float]:
     """The least and the most bits per weight a plan over the candidates can have."""
     mods = linear_modules(config)
-    cheap = {m.path: min(candidates(m, max_bits), key=lambda c: module_bytes(m, c)) for m in mods}
-    dear = {m.path: max(candidates(m, max_bits), key=lambda c: module_bytes(m, c)) for m in mods}
+    cheap = {m.path: min(space.candidates(m), key=lambda c: module_bytes(m, c)) for m in mods}
+    dear = {m.path: max(space.candidates(m), key=lambda c: module_bytes(m, c)) for m in mods}
     return tuple(Plan(Recipe("bound", QuantSpec(), ()), config, s).bits_per_weight for s in (cheap, dear))
 
 
-def check_target(config: ModelConfig, target: float, max_bits: int | None = None) -> None:
-    if max_bits is not None and max_bits not in {c.bits for c in CANDIDATES if c is not None}:
-        raise UnsupportedQuantization(f"--max-bits must be one of 2, 3, 4, 5, 6, 8, got {max_bits}")
-    low, high = bounds(config, max_bits)
+def check_target(config: ModelConfig, target: float, space: Space) -> None:
+    if space.max_bits is not None and space.max_bits not in {c.bits for c in CANDIDATES if c is not None}:
+        raise UnsupportedQuantization(f"--max-bits must be one of 2, 3, 4, 5, 6, 8, got {space.max_bits}")
+    low, high = bounds(config, space)
     if not low <= target <= high:
-        most = "bf16" if max_bits is None else f"{max_bits}-bit at its smallest group"
+        most = "bf16" if space.max_bits is None else f"{space.max_bits}-bit at its smallest group"
+        kept = (
+            "; the experts stay as the source stores them — pass --experts quantize to let the allocator "
+            "choose theirs too"
+            if space.pinned
+            else ""
+        )
         raise UnsupportedQuantization(
             f"--target-bpw {target} is outside what this model can be stored in: {low:.3f} (every tensor "
-            f"2-bit g128) to {high:.3f} ({most})"
+            f"2-bit g128) to {high:.3f} ({most}){kept}"
         )
 
 
 # ---- sensitivities ---------------------------------------------------------------------------------------
-def sensitivities(forward: Forward, config: ModelConfig, max_bits: int | None = None) -> dict[str, list[Option]]:
-    """Every module's options up to `max_bits`, measured on the first SAMPLE_TOKENS tokens of `forward`
+def sensitivities(forward: Forward, config: ModelConfig, space: Space) -> dict[str, list[Option]]:
+    """Every module's options in `space`, measured on the first SAMPLE_TOKENS tokens of `forward`
     (which this walks)."""
     tokens = forward.tokens
     n = min(len(tokens.ids), SAMPLE_TOKENS)
@@ -88,13 +111,13 @@ def sensitivities(forward: Forward, config: ModelConfig, max_bits: int | None = 
     mods = {m.path: m for m in linear_modules(config)}
     embed = forward.read("model.embed_tokens.weight", None).float()
     embed_mod = mods["model.embed_tokens"]
-    out = {embed_mod.path: _options(embed_mod, lambda c: _embed_loss(embed, tokens.ids, c), max_bits)}
+    out = {embed_mod.path: _options(embed_mod, lambda c: _embed_loss(embed, tokens.ids, c), space)}
     for layer, w, _ in forward.layers():
         here = [m for m in mods.values() if m.layer == layer]
-        out.update(_layer_options(here, _Probe(w, forward.x[:n], sample, config, layer), max_bits))
+        out.update(_layer_options(here, _Probe(w, forward.x[:n], sample, config, layer), space))
     final = forward.final()
     lm_head = forward.read("lm_head.weight", None).float()
-    out["lm_head"] = _options(mods["lm_head"], lambda c: _logit_loss(lm_head, final.T @ final, c), max_bits)
+    out["lm_head"] = _options(mods["lm_head"], lambda c: _logit_loss(lm_head, final.T @ final, c), space)
     return {path: out[path] for path in mods}  # model order
 
 
@@ -103,8 +126,12 @@ def _seq_tokens(tokens: Tokens) -> int:
     return b - a
 
 
-def _options(mod: LinearInfo, loss: Callable[[QuantSpec], float], max_bits: int | None) -> list[Option]:
-    return [Option(c, module_bytes(mod, c), 0.0 if c is None else loss(c)) for c in candidates(mod, max_bits)]
+def _options(mod: LinearInfo, loss: Callable[[QuantSpec], float], space: Space) -> list[Option]:
+    """Unquantized and as stored cost nothing: the source is the reference."""
+    stored = space.stored.get(mod.path)
+    return [
+        Option(c, module_bytes(mod, c), 0.0 if c is None or c == stored else loss(c)) for c in space.candidates(mod)
+    ]
 
 
 class _Probe:
@@ -121,11 +148,11 @@ class _Probe:
         return float((out - self.ref).pow(2).sum() / self.ref.pow(2).sum())
 
 
-def _layer_options(mods: list[LinearInfo], probe: _Probe, max_bits: int | None) -> dict[str, list[Option]]:
+def _layer_options(mods: list[LinearInfo], probe: _Probe, space: Space) -> dict[str, list[Option]]:
     out = {}
     for mod in mods:
         key = f"{mod.path.removeprefix(layer_prefix(probe.layer) + '.')}.weight"
-        out[mod.path] = _options(mod, lambda c, key=key: probe.loss(key, c), max_bits)
+        out[mod.path] = _options(mod, lambda c, key=key: probe.loss(key, c), space)
     return out
 
 
@@ -174,7 +201,25 @@ def allocate(options: dict[str, list[Option]], budget: int) -> dict[str, QuantSp
         spent, at[path] = spent + cost, i + 1
         if i + 2 < len(h):
             heapq.heappush(heap, _upgrade(path, h, i + 1))
-    return {path: hulls[path][i].spec for path, i in at.items()}
+    chosen = {path: hulls[path][i] for path, i in at.items()}
+    return {path: o.spec for path, o in _fill(options, chosen, budget - spent).items()}
+
+
+def _fill(options: dict[str, list[Option]], chosen: dict[str, Option], left: int) -> dict[str, Option]:
+    """The greedy stops where a module's next hull step is larger than what is left, which with one
+    dominant module (a 201k-row embedding or lm_head) can be a quarter bit per weight: spend the rest on
+    the swap to any option, on the hull or not, that saves the most loss and fits, until none does."""
+    while True:
+        gain, path, best = max(
+            ((chosen[p].loss - o.loss, p, o) for p, opts in options.items() for o in opts
+             if o.bytes - chosen[p].bytes <= left),
+            key=lambda t: t[0],
+            default=(0.0, "", None),
+        )  # fmt: skip
+        if best is None or gain <= 0:
+            return chosen
+        left -= best.bytes - chosen[path].bytes
+        chosen[path] = best
 
 
 def _upgrade(path: str, h: list[Option], i: int) -> tuple[float, str, int]:
