@@ -325,7 +325,7 @@ def _allocated(
     ids = calibration_tokens(calibration, ckpt.config.vocab_size)
     console.print(f"measuring sensitivities on {len(ids):,} calibration tokens, layer by layer")
     forward = Forward(_dense_reader(ckpt, ckpt.specs, device), ckpt.config, Tokens.of(ids, device))
-    options = allocate.sensitivities(forward, ckpt.config, space)
+    options = allocate.sensitivities(forward, ckpt.config, space, calibrated=calibration.method == "gptq")
     return allocate.recipe(allocate.allocate(options, allocate.module_budget(ckpt.config, target)), target)
 
 

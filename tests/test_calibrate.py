@@ -172,6 +172,30 @@ def test_max_bits_caps_every_tensor_and_rules_out_bf16():
         allocate.check_target(config, 4.0, allocate.Space(7))
 
 
+def test_gptq_sensitivities_price_what_gptq_delivers(monkeypatch):
+    """lm_head's loss is GPTQ's own objective, so GPTQ-rounded candidates score lower than RTN ones; the
+    embedding has no input Hessian and keeps RTN's; above GPTQ_FLOPS one GPTQ/RTN ratio scales RTN."""
+    config = small_config()
+    model = random_model(config)
+    ids = torch.randint(0, 512, (2, 64), generator=torch.Generator().manual_seed(8))
+    tokens = Tokens.of(ids.flatten().tolist(), torch.device("cpu"), seq_tokens=64)
+
+    def measure(calibrated: bool) -> dict[str, list[allocate.Option]]:
+        forward = Forward(buffer_reader(model), config, tokens)
+        return allocate.sensitivities(forward, config, allocate.Space(4), calibrated=calibrated)
+
+    rtn, cal = measure(False), measure(True)
+    assert all(a.spec == b.spec and b.loss < a.loss for a, b in zip(rtn["lm_head"], cal["lm_head"], strict=True))
+    assert cal["model.embed_tokens"] == rtn["model.embed_tokens"]
+    monkeypatch.setattr(allocate, "GPTQ_FLOPS", 0)
+    scaled = measure(True)
+    exact = next(o.loss for o in cal["lm_head"] if o.spec == allocate.RATIO_SPEC)
+    ratio = exact / next(o.loss for o in rtn["lm_head"] if o.spec == allocate.RATIO_SPEC)
+    assert ratio < 1
+    for a, b in zip(rtn["lm_head"], scaled["lm_head"], strict=True):
+        assert b.loss == pytest.approx(a.loss * ratio, rel=1e-5)
+
+
 def test_allocation_prefers_the_sensitive_module_at_equal_cost():
     a = [allocate.Option(QuantSpec(2, 64), 100, 1.0), allocate.Option(QuantSpec(4, 64), 200, 0.1)]
     b = [allocate.Option(QuantSpec(2, 64), 100, 0.2), allocate.Option(QuantSpec(4, 64), 200, 0.1)]

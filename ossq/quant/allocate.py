@@ -8,7 +8,8 @@ stream: at its block's output for a layer's linears (the block re-run on the cal
 only u replaced), at the embedding rows for embed_tokens, at the logits for lm_head (tr(ΔW H ΔWᵀ) /
 tr(W H Wᵀ) with H the final norm's second moments). A relative error of the stream is the common
 currency that lets a router, an expert stack and lm_head be traded against each other; it is a
-first-order proxy for the KL the choice costs.
+first-order proxy for the KL the choice costs. With `--calibrate gptq` the candidates are rounded by GPTQ,
+as the conversion will round them.
 
 Allocation. Each module's candidates are reduced to their lower convex hull in (bytes, loss); every module
 starts at its cheapest point, and the upgrade with the largest loss saved per byte that still fits the
@@ -24,6 +25,7 @@ from __future__ import annotations
 import heapq
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 
 import torch
 from torch import Tensor
@@ -32,6 +34,7 @@ from ossq.calibrate import Forward, Tokens, block
 from ossq.config import ModelConfig
 from ossq.errors import UnsupportedQuantization
 from ossq.formats.mlx import LinearInfo, layer_prefix, linear_modules
+from ossq.quant import affine, gptq
 from ossq.quant.awq import fake_quantize
 from ossq.quant.recipe import Plan, Recipe, Rule, module_bytes
 from ossq.quant.spec import QuantSpec
@@ -41,6 +44,8 @@ CANDIDATES: tuple[QuantSpec | None, ...] = (
     None,
 )
 SAMPLE_TOKENS = 2048  # calibration tokens the block re-runs use (the Hessians use all of them)
+GPTQ_FLOPS = 2e11  # rows × columns² above which a module's GPTQ losses are scaled from one candidate's
+RATIO_SPEC = QuantSpec(4, 64)
 
 
 @dataclass(frozen=True)
@@ -102,22 +107,35 @@ def check_target(config: ModelConfig, target: float, space: Space) -> None:
 
 
 # ---- sensitivities ---------------------------------------------------------------------------------------
-def sensitivities(forward: Forward, config: ModelConfig, space: Space) -> dict[str, list[Option]]:
+def sensitivities(
+    forward: Forward, config: ModelConfig, space: Space, *, calibrated: bool = False
+) -> dict[str, list[Option]]:
     """Every module's options in `space`, measured on the first SAMPLE_TOKENS tokens of `forward`
-    (which this walks)."""
+    (which this walks). `calibrated` (`--calibrate gptq`): each affine candidate is rounded as the
+    conversion will round it, with GPTQ against the module's input Hessian (not the embedding: it has no
+    input), so that the allocation prices what GPTQ delivers, which differs by module (lm_head and the
+    attention gain more than the experts)."""
     tokens = forward.tokens
     n = min(len(tokens.ids), SAMPLE_TOKENS)
     sample = Tokens.of(tokens.ids[:n].tolist(), tokens.ids.device, seq_tokens=_seq_tokens(tokens))
     mods = {m.path: m for m in linear_modules(config)}
     embed = forward.read("model.embed_tokens.weight", None).float()
-    embed_mod = mods["model.embed_tokens"]
-    out = {embed_mod.path: _options(embed_mod, lambda c: _embed_loss(embed, tokens.ids, c), space)}
-    for layer, w, _ in forward.layers():
-        here = [m for m in mods.values() if m.layer == layer]
-        out.update(_layer_options(here, _Probe(w, forward.x[:n], sample, config, layer), space))
+    rows, counts = torch.unique(tokens.ids, return_counts=True)
+    out = {"model.embed_tokens": _Measure(embed[rows], None, _embed_loss(embed[rows], counts), False).options(
+        mods["model.embed_tokens"], space
+    )}  # fmt: skip
+    for layer, w, h in forward.layers():
+        probe = _Probe(w, forward.x[:n], sample, config, layer)
+        for mod in (m for m in mods.values() if m.layer == layer):
+            key = f"{mod.path.removeprefix(layer_prefix(layer) + '.')}.weight"
+            measure = _Measure(w[key], h.of(mod.kind), partial(probe.loss, key), calibrated)
+            out[mod.path] = measure.options(mod, space)
     final = forward.final()
     lm_head = forward.read("lm_head.weight", None).float()
-    out["lm_head"] = _options(mods["lm_head"], lambda c: _logit_loss(lm_head, final.T @ final, c), space)
+    hessian = final.T @ final
+    out["lm_head"] = _Measure(lm_head, hessian, _logit_loss(lm_head, hessian), calibrated).options(
+        mods["lm_head"], space
+    )
     return {path: out[path] for path in mods}  # model order
 
 
@@ -126,46 +144,66 @@ def _seq_tokens(tokens: Tokens) -> int:
     return b - a
 
 
-def _options(mod: LinearInfo, loss: Callable[[QuantSpec], float], space: Space) -> list[Option]:
-    """Unquantized and as stored cost nothing: the source is the reference."""
-    stored = space.stored.get(mod.path)
-    return [
-        Option(c, module_bytes(mod, c), 0.0 if c is None or c == stored else loss(c)) for c in space.candidates(mod)
-    ]
+class _Measure:
+    """One module's loss at each candidate: `evaluate` scores a rounded weight. With `calibrated` and a
+    Hessian, affine candidates are rounded with GPTQ; where GPTQ at every candidate would cost more than
+    GPTQ_FLOPS (the lm_head and expert stacks of the full-size models), the RTN losses are scaled by the
+    GPTQ/RTN ratio measured at 4-bit g64 instead."""
+
+    def __init__(self, w: Tensor, h: Tensor | None, evaluate: Callable[[Tensor], float], calibrated: bool) -> None:
+        self.w, self.h, self.evaluate = w, h, evaluate
+        self.gptq = calibrated and h is not None
+        self.every = self.gptq and w.numel() * w.shape[-1] <= GPTQ_FLOPS
+        self._ratio: float | None = None
+
+    def options(self, mod: LinearInfo, space: Space) -> list[Option]:
+        """Unquantized and as stored cost nothing: the source is the reference."""
+        stored = space.stored.get(mod.path)
+        return [
+            Option(c, module_bytes(mod, c), 0.0 if c is None or c == stored else self.loss(c))
+            for c in space.candidates(mod)
+        ]
+
+    def loss(self, spec: QuantSpec) -> float:
+        if not self.gptq or spec.mode != "affine":
+            return self.evaluate(fake_quantize(self.w, spec))
+        if self.every:
+            return self.evaluate(self._gptq(spec))
+        if self._ratio is None:
+            ref = RATIO_SPEC if self.w.shape[-1] % RATIO_SPEC.group_size == 0 else QuantSpec(4, 32)
+            rtn = self.evaluate(fake_quantize(self.w, ref))
+            self._ratio = self.evaluate(self._gptq(ref)) / rtn if rtn > 0 else 1.0
+        return self.evaluate(fake_quantize(self.w, spec)) * self._ratio
+
+    def _gptq(self, spec: QuantSpec) -> Tensor:
+        wq, scales, biases = gptq.quantize(
+            self.w.to(torch.bfloat16), self.h, bits=spec.bits, group_size=spec.group_size
+        )  # bf16, the dtype the conversion rounds gpt-oss's weights from
+        return affine.dequantize(wq, scales, biases, bits=spec.bits, group_size=spec.group_size, dtype=torch.float32)
 
 
 class _Probe:
-    """One layer's block re-run on the sample with one of its weights rounded: the relative error of its
+    """One layer's block re-run on the sample with one of its weights replaced: the relative error of its
     output against the full-precision output."""
 
     def __init__(self, w: dict[str, Tensor], x: Tensor, tokens: Tokens, config: ModelConfig, layer: int) -> None:
         self.w, self.x, self.tokens, self.config, self.layer = w, x, tokens, config, layer
         self.ref = block(w, x, tokens, config, layer)
 
-    def loss(self, key: str, spec: QuantSpec) -> float:
-        changed = {**self.w, key: fake_quantize(self.w[key], spec)}
-        out = block(changed, self.x, self.tokens, self.config, self.layer)
+    def loss(self, key: str, rounded: Tensor) -> float:
+        out = block({**self.w, key: rounded}, self.x, self.tokens, self.config, self.layer)
         return float((out - self.ref).pow(2).sum() / self.ref.pow(2).sum())
 
 
-def _layer_options(mods: list[LinearInfo], probe: _Probe, space: Space) -> dict[str, list[Option]]:
-    out = {}
-    for mod in mods:
-        key = f"{mod.path.removeprefix(layer_prefix(probe.layer) + '.')}.weight"
-        out[mod.path] = _options(mod, lambda c, key=key: probe.loss(key, c), space)
-    return out
+def _embed_loss(e: Tensor, counts: Tensor) -> Callable[[Tensor], float]:
+    """The relative error of the embedding rows the calibration text reads, weighted by how often."""
+    norm = (e.pow(2).sum(-1) * counts).sum()
+    return lambda rounded: float(((rounded - e).pow(2).sum(-1) * counts).sum() / norm)
 
 
-def _embed_loss(embed: Tensor, ids: Tensor, spec: QuantSpec) -> float:
-    rows, counts = torch.unique(ids, return_counts=True)
-    e = embed[rows]
-    err = (fake_quantize(e, spec) - e).pow(2).sum(-1)
-    return float((err * counts).sum() / (e.pow(2).sum(-1) * counts).sum())
-
-
-def _logit_loss(w: Tensor, h: Tensor, spec: QuantSpec) -> float:
-    delta = fake_quantize(w, spec) - w
-    return float(((delta @ h) * delta).sum() / ((w @ h) * w).sum())
+def _logit_loss(w: Tensor, h: Tensor) -> Callable[[Tensor], float]:
+    norm = ((w @ h) * w).sum()
+    return lambda rounded: float((((rounded - w) @ h) * (rounded - w)).sum() / norm)
 
 
 # ---- allocation ------------------------------------------------------------------------------------------
