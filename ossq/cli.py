@@ -315,7 +315,8 @@ def _add_convert(sub) -> None:
         "--target-bpw",
         type=_float_in("a positive number", lambda v: v > 0),
         default=None,
-        help="choose bits and group sizes per tensor to hit this many bits per weight (needs --calib-data)",
+        help="choose bits and group sizes per tensor to hit this many bits per weight (needs --calib-data; "
+        "kept experts stay as stored, --experts quantize lets it choose theirs too)",
     )
     p.add_argument(
         "--max-bits",
