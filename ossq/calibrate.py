@@ -155,7 +155,7 @@ class Forward:
             yield i, w, h
             self.x = x_next
 
-    def final(self) -> Tensor:
-        """(N, C) float32: the final RMSNorm of the stream after the last layer."""
+    def final(self, x: Tensor | None = None) -> Tensor:
+        """(N, C) float32: the final RMSNorm of the stream after the last layer (or of the stream x)."""
         norm = self.read("model.norm.weight", None).float()
-        return _REFERENCE.rms_norm(self.x, norm, self.config.rms_norm_eps)
+        return _REFERENCE.rms_norm(self.x if x is None else x, norm, self.config.rms_norm_eps)

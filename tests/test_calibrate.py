@@ -5,6 +5,7 @@ the calibrated output; and the errors bad flags get."""
 
 from __future__ import annotations
 
+import copy
 import io
 
 import numpy as np
@@ -194,6 +195,35 @@ def test_gptq_sensitivities_price_what_gptq_delivers(monkeypatch):
     assert ratio < 1
     for a, b in zip(rtn["lm_head"], scaled["lm_head"], strict=True):
         assert b.loss == pytest.approx(a.loss * ratio, rel=1e-5)
+
+
+def test_sensitivities_are_priced_in_kl_at_the_output():
+    """A module's predicted loss is in KL at the logits, with the engine's own forward as the oracle:
+    lm_head's at RATIO_SPEC is the KL that rounding lm_head alone causes, and a layer's modules (and the
+    embedding) at RATIO_SPEC add up to about the KL of rounding them together (first order)."""
+    config = small_config()
+    model = random_model(config)
+    ids = torch.randint(0, 512, (2, 64), generator=torch.Generator().manual_seed(9))
+    tokens = Tokens.of(ids.flatten().tolist(), torch.device("cpu"), seq_tokens=64)
+    options = allocate.sensitivities(Forward(buffer_reader(model), config, tokens), config, allocate.Space())
+    ref = torch.log_softmax(forward_full(model, ids).reshape(-1, config.vocab_size), -1)
+
+    def kl_rounding(paths: list[str]) -> float:
+        rounded = copy.deepcopy(model)
+        buffers = dict(rounded.named_buffers())
+        with torch.no_grad():
+            for path in paths:
+                w = buffers[f"{path}.weight"]
+                w.copy_(awq.fake_quantize(w, allocate.RATIO_SPEC))
+        logq = torch.log_softmax(forward_full(rounded, ids).reshape(-1, config.vocab_size), -1)
+        return float((ref.exp() * (ref - logq)).sum(-1).mean())
+
+    def predicted(path: str) -> float:
+        return next(o.loss for o in options[path] if o.spec == allocate.RATIO_SPEC)
+
+    assert predicted("lm_head") == pytest.approx(kl_rounding(["lm_head"]), rel=1e-3)
+    for site in (["model.embed_tokens"], [m.path for m in linear_modules(config) if m.layer == 1]):
+        assert 0.5 < sum(map(predicted, site)) / kl_rounding(site) < 2
 
 
 def test_allocation_prefers_the_sensitive_module_at_equal_cost():

@@ -6,10 +6,14 @@ Sensitivity. For every quantizable module u and every candidate storage c (affin
 error that u alone, rounded to nearest at c, causes where its effect first reaches the residual
 stream: at its block's output for a layer's linears (the block re-run on the calibration sample with
 only u replaced), at the embedding rows for embed_tokens, at the logits for lm_head (tr(ΔW H ΔWᵀ) /
-tr(W H Wᵀ) with H the final norm's second moments). A relative error of the stream is the common
-currency that lets a router, an expert stack and lm_head be traded against each other; it is a
-first-order proxy for the KL the choice costs. With `--calibrate gptq` the candidates are rounded by GPTQ,
-as the conversion will round them.
+tr(W H Wᵀ) with H the final norm's second moments), times what a relative error at that site costs in
+KL at the output. That price is measured once per site (the embedding, each layer's output, the
+logits): the site's modules rounded at RATIO_SPEC together, the perturbed stream carried through the rest
+of the model beside the clean one on KL_TOKENS tokens, KL(clean ‖ perturbed) over the relative error it
+started with. Without it the sites' errors are in different currencies — an error in the logits is
+worth far more KL than the same relative error early in the stream, which the later blocks dilute — and
+the allocation starves lm_head. With `--calibrate gptq` the candidates are rounded by GPTQ, as the
+conversion will round them.
 
 Allocation. Each module's candidates are reduced to their lower convex hull in (bytes, loss); every module
 starts at its cheapest point, and the upgrade with the largest loss saved per byte that still fits the
@@ -45,7 +49,9 @@ CANDIDATES: tuple[QuantSpec | None, ...] = (
 )
 SAMPLE_TOKENS = 2048  # calibration tokens the block re-runs use (the Hessians use all of them)
 GPTQ_FLOPS = 2e11  # rows × columns² above which a module's GPTQ losses are scaled from one candidate's
-RATIO_SPEC = QuantSpec(4, 64)
+RATIO_SPEC = QuantSpec(4, 64)  # the candidate a module's GPTQ/RTN ratio and its site's KL price are measured at
+KL_TOKENS = 512  # calibration tokens each site's KL price is measured on
+KL_CHUNK = 128  # tokens of logits at a time (a 201k vocabulary's logits are 0.8 MB a token)
 
 
 @dataclass(frozen=True)
@@ -124,19 +130,89 @@ def sensitivities(
     out = {"model.embed_tokens": _Measure(embed[rows], None, _embed_loss(embed[rows], counts), False).options(
         mods["model.embed_tokens"], space
     )}  # fmt: skip
+    k = min(n, KL_TOKENS)
+    sites = _Sites(Tokens.of(tokens.ids[:k].tolist(), tokens.ids.device, seq_tokens=_seq_tokens(tokens)), config)
+    clean = embed[tokens.ids[:k]]
+    sites.start(["model.embed_tokens"], fake_quantize(clean, _anchor(mods["model.embed_tokens"])), clean)
     for layer, w, h in forward.layers():
         probe = _Probe(w, forward.x[:n], sample, config, layer)
-        for mod in (m for m in mods.values() if m.layer == layer):
-            key = f"{mod.path.removeprefix(layer_prefix(layer) + '.')}.weight"
-            measure = _Measure(w[key], h.of(mod.kind), partial(probe.loss, key), calibrated)
+        layer_mods = [m for m in mods.values() if m.layer == layer]
+        keys = {m.path: f"{m.path.removeprefix(layer_prefix(layer) + '.')}.weight" for m in layer_mods}
+        for mod in layer_mods:
+            measure = _Measure(w[keys[mod.path]], h.of(mod.kind), partial(probe.loss, keys[mod.path]), calibrated)
             out[mod.path] = measure.options(mod, space)
+        sites.advance(w, layer)
+        rounded = {**w, **{keys[m.path]: fake_quantize(w[keys[m.path]], _anchor(m)) for m in layer_mods}}
+        perturbed = block(rounded, forward.x[:k], sites.tokens, config, layer)
+        sites.start(list(keys), perturbed, probe.ref[:k])  # the sample's first k tokens are the sites' tokens
     final = forward.final()
     lm_head = forward.read("lm_head.weight", None).float()
     hessian = final.T @ final
     out["lm_head"] = _Measure(lm_head, hessian, _logit_loss(lm_head, hessian), calibrated).options(
         mods["lm_head"], space
     )
+    ends = [forward.final(x) for x in sites.streams]
+    for paths, price in sites.prices(final[:k], ends, lm_head, fake_quantize(lm_head, _anchor(mods["lm_head"]))):
+        for path in paths:
+            out[path] = [Option(o.spec, o.bytes, o.loss * price) for o in out[path]]
     return {path: out[path] for path in mods}  # model order
+
+
+def _anchor(mod: LinearInfo) -> QuantSpec:
+    return RATIO_SPEC if mod.in_features % RATIO_SPEC.group_size == 0 else QuantSpec(4, 32)
+
+
+class _Sites:
+    """What a relative squared error of the stream costs in KL at the output, per site where it starts
+    (module docstring): one perturbed stream per site, carried through the later blocks."""
+
+    def __init__(self, tokens: Tokens, config: ModelConfig) -> None:
+        self.tokens, self.config = tokens, config
+        self.paths: list[list[str]] = []  # the modules each site prices
+        self.streams: list[Tensor] = []
+        self.errors: list[float] = []  # each stream's relative squared error where it started
+
+    def start(self, paths: list[str], perturbed: Tensor, clean: Tensor) -> None:
+        self.paths.append(paths)
+        self.streams.append(perturbed)
+        self.errors.append(_relative(perturbed, clean))
+
+    def advance(self, w: dict[str, Tensor], layer: int) -> None:
+        """Carry every stream started so far through layer `layer` (its full-precision weights)."""
+        self.streams = [block(w, x, self.tokens, self.config, layer) for x in self.streams]
+
+    def prices(
+        self, final: Tensor, ends: list[Tensor], lm_head: Tensor, rounded_head: Tensor
+    ) -> list[tuple[list[str], float]]:
+        """(the site's modules, KL per unit of relative squared error) for every site and for lm_head,
+        whose site is the logits. `final`: the clean final norm output on the sites' tokens; `ends`: each
+        stream's."""
+        kl = [0.0] * (len(ends) + 1)
+        head_err = [0.0, 0.0]  # Σ‖ΔL‖², Σ‖L‖² of lm_head rounded
+        for a in range(0, final.shape[0], KL_CHUNK):
+            ref = final[a : a + KL_CHUNK] @ lm_head.T
+            logp = torch.log_softmax(ref, -1)
+            for i, x in enumerate(ends):
+                kl[i] += _kl(logp, x[a : a + KL_CHUNK] @ lm_head.T)
+            head = final[a : a + KL_CHUNK] @ rounded_head.T
+            kl[-1] += _kl(logp, head)
+            head_err[0] += float((head - ref).pow(2).sum())
+            head_err[1] += float(ref.pow(2).sum())
+        errors = [*self.errors, head_err[0] / head_err[1]]
+        n = final.shape[0]
+        return [
+            (paths, max(total / n, 0.0) / err if err > 0 else 1.0)
+            for paths, total, err in zip([*self.paths, ["lm_head"]], kl, errors, strict=True)
+        ]
+
+
+def _kl(logp: Tensor, logits: Tensor) -> float:
+    """Σ over the tokens of KL(p ‖ q), q = softmax(logits)."""
+    return float((logp.exp() * (logp - torch.log_softmax(logits, -1))).sum())
+
+
+def _relative(a: Tensor, ref: Tensor) -> float:
+    return float((a - ref).pow(2).sum() / ref.pow(2).sum())
 
 
 def _seq_tokens(tokens: Tokens) -> int:
@@ -191,8 +267,7 @@ class _Probe:
         self.ref = block(w, x, tokens, config, layer)
 
     def loss(self, key: str, rounded: Tensor) -> float:
-        out = block({**self.w, key: rounded}, self.x, self.tokens, self.config, self.layer)
-        return float((out - self.ref).pow(2).sum() / self.ref.pow(2).sum())
+        return _relative(block({**self.w, key: rounded}, self.x, self.tokens, self.config, self.layer), self.ref)
 
 
 def _embed_loss(e: Tensor, counts: Tensor) -> Callable[[Tensor], float]:
