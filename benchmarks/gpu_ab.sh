@@ -2,18 +2,14 @@
 # A/B of this tree against a base tree on the lent GPU machine, in one call, from this tree's root:
 #   BASE=../.snapold bash benchmarks/gpu_ab.sh     (BASE: e.g. `git archive main`; results under $OUT, or ./ab-out)
 # The CUDA tests of this tree run while a synthetic gpt-oss-20b is converted (MXFP4 experts + 4-bit g64 rest,
-# and all-affine 4-bit g64); then `ossq bench` runs each checkpoint in the base tree, in this tree and in this
-# tree with the one-row integer dots off (a patched copy: `qmm.int_dot_mode` answers 0), alternating; then
-# this tree's decode profile and its GEMV/MoE kernel sweep. Everything lands in $OUT/ab.tgz (re-packed
-# after each phase) and the log.
+# and all-affine 4-bit g64); then `ossq bench` runs each checkpoint in the base tree and in this tree,
+# alternating; then this tree's decode profile and its kernel sweep (KERNELS_ARGS, default the GEMV and MoE
+# kernels at their default tiles). Everything lands in $OUT/ab.tgz (re-packed after each phase) and the log.
 set -uo pipefail
 source "$(dirname "$0")/gpu_env.sh" ab-out
-NEW=$PWD BASE=$(cd "${BASE:-../.snapold}" && pwd) NODOT=/tmp/ossq-nodot W=${WORK:-/tmp/ossq-gpu} R=/tmp/ossq-ab
+NEW=$PWD BASE=$(cd "${BASE:-../.snapold}" && pwd) W=${WORK:-/tmp/ossq-gpu} R=/tmp/ossq-ab
 rm -rf "$R" && mkdir -p "$W" "$R"
 pack() { tar -czf "$OUT/ab.tgz" -C "$(dirname "$R")" "$(basename "$R")"; }  # after each phase: a cut-off call still returns
-rm -rf "$NODOT" && cp -r "$NEW" "$NODOT"
-sed -i 's/on = dtype != torch.float32 if flag is None else flag/on = False/' "$NODOT/ossq/engine/triton/qmm.py"
-grep -q "on = False" "$NODOT/ossq/engine/triton/qmm.py" || echo "WARNING: the no-int-dot patch did not apply"
 { nvidia-smi --query-gpu=name,driver_version,clocks.max.sm --format=csv; date -u; git -C "$NEW" log -1 --oneline 2>/dev/null; } | tee "$R/machine.txt"
 timeout "${TEST_S:-150}" python3 -m pytest -q -p no:cacheprovider -p no:hypothesispytest -n 12 -o addopts="" -rfE \
   tests/test_triton_ops.py tests/test_triton_moe.py tests/test_triton_prefill.py tests/test_engine.py >"$R/tests.txt" 2>&1 &
@@ -32,13 +28,13 @@ bench() {  # tree name, tree, model, extra flags...
 }
 bench base "$BASE" mxfp4-q4 --context 2k
 bench new "$NEW" mxfp4-q4 --context 2k
-bench nodot "$NODOT" mxfp4-q4
 bench base "$BASE" q4-g64
 bench new "$NEW" q4-g64
-bench nodot "$NODOT" q4-g64
+bench base2 "$BASE" mxfp4-q4
+bench new2 "$NEW" mxfp4-q4
 timeout 60 python3 benchmarks/profile_decode.py -m "$W/mxfp4-q4" --json "$R/profile-new.json" >"$R/profile-new.txt" 2>&1
 head -40 "$R/profile-new.txt"
 pack
-timeout "${KERNELS_S:-100}" python3 benchmarks/kernels.py --out "$R/k" --quick --only gemv moe >"$R/kernels-new.txt" 2>&1
-grep -E "^\|" "$R/kernels-new.txt" | head -60
+timeout "${KERNELS_S:-100}" python3 benchmarks/kernels.py --out "$R/k" ${KERNELS_ARGS:---quick --only gemv moe} >"$R/kernels-new.txt" 2>&1
+grep -E "^\|" "$R/kernels-new.txt" | head -90
 pack
