@@ -65,11 +65,11 @@ ATTN = [(1, 40), (3, 70)] if DRY else [(1, 90), (1, 4096), (1, 32768), (8, 4096)
 REF = TorchOps()
 SPECS = {"4b-g64": QuantSpec(4, 64), "mxfp4": QuantSpec(4, 32, "mxfp4")}
 MOE_TILES = [
-    (16, 512, 4, None),
-    (8, 512, 4, None),
     (8, 1024, 4, None),
     (8, 1024, 4, False),
-    (32, 512, 4, None),
+    (16, 512, 4, None),
+    (4, 1024, 2, None),
+    (8, 512, 4, None),
     (16, 1024, 8, None),
 ]  # (block_n, block_k, num_warps, int_dot); None: on for bfloat16 (qmm.int_dot_mode)
 ROWS = (1, 2, 4, 8, 16, 32, 64)
@@ -330,14 +330,17 @@ def moe_bench(log: Log) -> None:
             ref_us = graph_us([partial(REF.moe, x, mlp, **kw) for mlp in layers], trials=5)
             read = tokens * top_k * per_expert  # each pair reads its expert
             routes = [fused.route(TritonOps().linear(x, mlp.router), top_k) for mlp in layers]
+            same = REF._experts_grouped(x.float(), f0.experts, *routes[0], limit=7.0, alpha=1.702)
             for bn, bk, warps, int_dot in MOE_TILES:  # the two expert kernels alone, on each layer's routing
                 t = dict(block_n=bn, block_k=bk, num_warps=warps, int_dot=int_dot)
+                tiles = [bn, bk, warps, int_dot]
+                e = rel_err(moe.experts(x, l0.experts, *routes[0], limit=7.0, alpha=1.702, **t), same)
                 us = graph_us([partial(moe.experts, x, mlp.experts, *r, limit=7.0, alpha=1.702, **t)
                                for mlp, r in zip(layers, routes, strict=True)])  # fmt: skip
-                log.put("moe", {"experts": name, "tokens": tokens, "tiles": [bn, bk, warps, int_dot], "us": us,
-                                "ref_us": ref_us, "bytes": read, "err": err})  # fmt: skip
-                print(f"| {name} | {tokens} | experts {[bn, bk, warps, int_dot]} | {us:.1f} | {ref_us:.1f} | "
-                      f"{read / 1e6:.1f} | {read / us / 1e3:.0f} | {err:.1e} |")  # fmt: skip
+                log.put("moe", {"experts": name, "tokens": tokens, "tiles": tiles, "us": us, "ref_us": ref_us,
+                                "bytes": read, "err": e})  # fmt: skip
+                print(f"| {name} | {tokens} | experts {tiles} | {us:.1f} | {ref_us:.1f} | {read / 1e6:.1f} | "
+                      f"{read / us / 1e3:.0f} | {e:.1e} |")  # fmt: skip
             us = graph_us([partial(TritonOps().moe, x, mlp, **kw) for mlp in layers])
             log.put("moe", {"experts": name, "tokens": tokens, "tiles": "default, with router", "us": us,
                             "ref_us": ref_us, "bytes": read, "err": err})  # fmt: skip
@@ -371,7 +374,7 @@ def attention_bench(log: Log) -> None:
             us = graph_us([partial(attention.decode, q, *p, sinks, batch, **kw) for p in pools])
             ref_us = graph_us([partial(REF.attention, q, *p, sinks, batch, **kw) for p in pools[:2]], trials=5)
             read = seqs * min(ctx, window or ctx) * K * D * 2 * 2
-            splits = attention.splits_for(seqs, K, DEV)
+            splits = attention.splits_for(seqs, K, DEV, window)
             log.put("attention", {"seqs": seqs, "context": ctx, "window": window, "splits": splits, "us": us,
                                   "ref_us": ref_us, "bytes": read, "err": err})  # fmt: skip
             print(f"| {seqs} | {ctx} | {window} | {splits} | {us:.1f} | {ref_us:.1f} | {read / 1e6:.2f} | "

@@ -27,6 +27,7 @@ from ossq.quant.spec import QuantSpec  # noqa: E402
 from tests.test_triton_ops import (  # noqa: E402
     CUDA,
     DEVICE,
+    INT_TOL,
     REF,
     SPECS,
     TOL,
@@ -161,6 +162,36 @@ def test_grouped_experts_in_bfloat16_at_20b_shapes(spec):
     st = stack(spec, spec, experts=32, hidden=2880, inter=2880, bias=True)
     for tokens in (1, 16, 256, 2048):  # decode-sized (16-row tiles) to prefill-sized (64-row tiles)
         check(st, tokens, 4, seed=tokens)
+
+
+def check_pairs(st, tokens: int, top_k: int, *, seed: int = 0, tol: float = TOL, **kernels) -> None:
+    """The per-pair kernels (moe.experts, decode-sized steps) against the reference on the same routing."""
+    hidden, experts = st.down_proj.weight.shape[1], st.gate_proj.weight.shape[0]
+    x = activations(tokens, hidden, seed=seed)
+    top_i, route = routing(tokens, experts, top_k, seed=seed)
+    out = moe.experts(x, st, top_i, route, **KW, **kernels)
+    ref = REF._experts_grouped(x.float(), float_stack(st), top_i, route, **KW)
+    assert out.dtype == x.dtype and rel_err(out, ref) < tol
+
+
+@pytest.mark.parametrize("spec", [MXFP4, QuantSpec(4, 64), QuantSpec(8, 32), QuantSpec(6, 32)], ids=spec_id)
+@pytest.mark.parametrize("int_dot", [None, True], ids=["dot-default", "dot-on"])
+def test_per_pair_experts_at_awkward_shapes(spec, int_dot):
+    # gate and up streamed in one K loop, down one program per pair (the k partials summed by the last to
+    # arrive): K over several steps (block_k 64 < 160), outputs off the tile (C = 160 over 8-row tiles,
+    # I = 96), 3 tokens × 2 of 5 experts.
+    st = stack(spec, spec, experts=5, hidden=160 if spec.group_size == 32 else 192, inter=96 if spec.group_size == 32
+               else 128, bias=True)  # fmt: skip
+    for tokens in (1, 3):
+        check_pairs(st, tokens, 2, seed=tokens, tol=INT_TOL if int_dot else TOL, block_k=64, int_dot=int_dot)
+
+
+@pytest.mark.skipif(not CUDA, reason="20b shapes are too large for the interpreter")
+@pytest.mark.parametrize("spec", [MXFP4, QuantSpec(4, 64), QuantSpec(8, 64)], ids=spec_id)
+def test_per_pair_experts_in_bfloat16_at_20b_shapes(spec):
+    st = stack(spec, spec, experts=32, hidden=2880, inter=2880, bias=True)
+    for tokens in (1, 8):
+        check_pairs(st, tokens, 4, seed=tokens)
 
 
 @pytest.mark.skipif(not CUDA, reason="CUDA graphs need a GPU")

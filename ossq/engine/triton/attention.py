@@ -12,8 +12,11 @@ the same for every length, so a CUDA graph captured once replays for any context
 
 The sink S_h is one more logit with no value vector: the first split starts its running max at S_h and
 its denominator at exp(S_h − S_h) = 1, which is formats.md §4.7e's `exp(S_h − m)` in the denominator.
-With several splits (long contexts, few sequences) each writes (max, denominator, unnormalised output)
-and `_combine_kernel` merges them.
+With several splits (long contexts, few sequences) each split that has positions writes (max, denominator,
+unnormalised output) and takes a ticket on its (sequence, kv head)'s counter; the last to arrive merges
+them (`_merge_splits`) and resets the counter, so a step is one launch whatever the split. A context
+that fills only one split (short, or a sliding window no longer than MIN_SPLIT_TOKENS, for which the host
+asks for one split) is written directly by that split.
 """
 
 from __future__ import annotations
@@ -28,10 +31,12 @@ from torch import Tensor
 from ossq.engine.batch import Batch
 from ossq.engine.kv import BLOCK_TOKENS
 from ossq.engine.triton.launch import launch_args, wait_for_inputs
+from ossq.engine.triton.qmm import TICKETS, _tickets
 
 BLOCK_T = 32  # positions per step (two pool blocks)
 PROGRAMS_PER_SM = 2  # split the sequence until the grid has about this many programs per multiprocessor
 MIN_SPLIT_TOKENS = 256  # …but give each split at least this many positions
+MERGE_CHUNK = 8  # splits the last-arriving program merges a step
 NEG = tl.constexpr(-1.0e30)  # a finite "minus infinity" for the running max, so empty steps never make NaN
 
 
@@ -49,11 +54,11 @@ def _kv_tile(k_ptr, v_ptr, table, p0, lo, end, kvh, stride_kr, stride_kh, offs_t
 
 
 @triton.jit
-def _decode_kernel(q_ptr, k_ptr, v_ptr, sinks_ptr, tables_ptr, lens_ptr, out_ptr, ml_ptr, acc_ptr, window,
-                   scale, min_split, stride_qs, stride_qh, stride_kr, stride_kh, stride_ts, REP: tl.constexpr,
-                   D: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_T: tl.constexpr,
-                   PAGE: tl.constexpr, HAS_WINDOW: tl.constexpr, ONE_SPLIT: tl.constexpr,
-                   PRECISION: tl.constexpr, PDL: tl.constexpr):  # fmt: skip
+def _decode_kernel(q_ptr, k_ptr, v_ptr, sinks_ptr, tables_ptr, lens_ptr, out_ptr, ml_ptr, acc_ptr, ticket_ptr,
+                   window, scale, min_split, stride_qs, stride_qh, stride_kr, stride_kh, stride_ts,
+                   REP: tl.constexpr, D: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
+                   BLOCK_T: tl.constexpr, PAGE: tl.constexpr, HAS_WINDOW: tl.constexpr, ONE_SPLIT: tl.constexpr,
+                   CHUNK: tl.constexpr, PRECISION: tl.constexpr, PDL: tl.constexpr):  # fmt: skip
     wait_for_inputs(PDL)
     s = tl.program_id(0)
     kvh = tl.program_id(1)
@@ -102,35 +107,46 @@ def _decode_kernel(q_ptr, k_ptr, v_ptr, sinks_ptr, tables_ptr, lens_ptr, out_ptr
         m = m_new
         k, v = k_next, v_next
     o_mask = r_mask[:, None] & d_mask[None, :]
-    if ONE_SPLIT:
-        out = acc / l[:, None]
-        o_ptr = out_ptr + s * stride_qs + heads[:, None] * stride_qh + offs_d[None, :]
-        tl.store(o_ptr, out.to(out_ptr.dtype.element_ty), mask=o_mask)
-    else:
+    o_ptr = out_ptr + s * stride_qs + heads[:, None] * stride_qh + offs_d[None, :]
+    used = tl.cdiv(length - first, per)  # the splits with positions; the rest have nothing to add
+    if ONE_SPLIT or used == 1:
+        if sp == 0:
+            tl.store(o_ptr, (acc / l[:, None]).to(out_ptr.dtype.element_ty), mask=o_mask)
+    elif sp < used:
         row = (s * H + heads) * splits + sp  # partials laid out (S, H, splits, ·)
         tl.store(ml_ptr + row * 2, m, mask=r_mask)
         tl.store(ml_ptr + row * 2 + 1, l, mask=r_mask)
         tl.store(acc_ptr + row[:, None] * D + offs_d[None, :], acc, mask=o_mask)
+        tl.debug_barrier()  # this program's partials are written before its ticket (acq_rel, gpu scope)
+        counter = ticket_ptr + s * tl.num_programs(1) + kvh
+        if tl.atomic_add(counter, 1) == used - 1:  # the last split of this kv head to finish merges them all
+            _merge_splits(ml_ptr, acc_ptr, o_ptr, (s * H + heads) * splits, used, r_mask, o_mask, offs_d, D, CHUNK)
+            tl.atomic_xchg(counter, 0)
 
 
 @triton.jit
-def _combine_kernel(ml_ptr, acc_ptr, out_ptr, splits, stride_qs, stride_qh, D: tl.constexpr,
-                    BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr, PDL: tl.constexpr):  # fmt: skip
-    """Grid (S, H): merge the splits' (max, denominator, output) of one head."""
-    wait_for_inputs(PDL)
-    s = tl.program_id(0)
-    h = tl.program_id(1)
-    row = (s * tl.num_programs(1) + h) * splits
-    offs_s = tl.arange(0, BLOCK_S)
-    offs_d = tl.arange(0, BLOCK_D)
-    s_mask = offs_s < splits
-    m = tl.load(ml_ptr + (row + offs_s) * 2, mask=s_mask, other=NEG)
-    l = tl.load(ml_ptr + (row + offs_s) * 2 + 1, mask=s_mask, other=0)
-    acc = tl.load(acc_ptr + (row + offs_s)[:, None] * D + offs_d[None, :],
-                  mask=s_mask[:, None] & (offs_d < D)[None, :], other=0)  # fmt: skip
-    w = tl.exp(m - tl.max(m, 0))
-    out = tl.sum(acc * w[:, None], 0) / tl.sum(l * w, 0)
-    tl.store(out_ptr + s * stride_qs + h * stride_qh + offs_d, out.to(out_ptr.dtype.element_ty), mask=offs_d < D)
+def _merge_splits(ml_ptr, acc_ptr, o_ptr, row0, used, r_mask, o_mask, offs_d, D: tl.constexpr, CHUNK: tl.constexpr):
+    """Merge the (max, denominator, unnormalised output) partials of splits 0 … used of the heads whose
+    partials start at rows row0 (BLOCK_R,) into their output, CHUNK splits a step; .cg reads the other
+    programs' writes from L2, never a stale L1 line."""
+    offs_c = tl.arange(0, CHUNK)
+    top = tl.full(row0.shape, NEG, tl.float32)
+    for c in range(0, used, CHUNK):
+        mask = r_mask[:, None] & (c + offs_c < used)[None, :]
+        m = tl.load(ml_ptr + (row0[:, None] + c + offs_c[None, :]) * 2, mask=mask, other=NEG, cache_modifier=".cg")
+        top = tl.maximum(top, tl.max(m, 1))
+    den = tl.zeros(row0.shape, tl.float32)
+    out = tl.zeros(o_mask.shape, tl.float32)
+    for c in range(0, used, CHUNK):
+        rows = row0[:, None] + c + offs_c[None, :]  # (BLOCK_R, CHUNK)
+        mask = r_mask[:, None] & (c + offs_c < used)[None, :]
+        m = tl.load(ml_ptr + rows * 2, mask=mask, other=NEG, cache_modifier=".cg")
+        w = tl.where(mask, tl.exp(m - top[:, None]), 0.0)
+        den += tl.sum(w * tl.load(ml_ptr + rows * 2 + 1, mask=mask, other=0, cache_modifier=".cg"), 1)
+        acc = tl.load(acc_ptr + rows[:, :, None] * D + offs_d[None, None, :],
+                      mask=mask[:, :, None] & o_mask[:, None, :], other=0, cache_modifier=".cg")  # fmt: skip
+        out += tl.sum(acc * w[:, :, None], 1)
+    tl.store(o_ptr, (out / tl.where(r_mask, den, 1.0)[:, None]).to(o_ptr.dtype.element_ty), mask=o_mask)
 
 
 @functools.cache
@@ -138,10 +154,14 @@ def _multiprocessors(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
 
 
-def splits_for(num_seqs: int, kv_heads: int, device: torch.device) -> int:
+def splits_for(num_seqs: int, kv_heads: int, device: torch.device, window: int | None = None,
+               min_split: int = MIN_SPLIT_TOKENS) -> int:  # fmt: skip
     """How many slices each sequence is cut into: enough for about PROGRAMS_PER_SM programs per
-    multiprocessor. A slice that would be shorter than MIN_SPLIT_TOKENS is left empty instead (the kernel
-    sizes slices from the length), so short contexts pay only a few idle programs."""
+    multiprocessor; one where the window is short enough for one slice to cover it from any length. A
+    slice that would be shorter than `min_split` is left empty instead (the kernel sizes slices from the
+    length), so short contexts pay only a few idle programs."""
+    if window is not None and window + BLOCK_T <= min_split:
+        return 1
     return triton.cdiv(PROGRAMS_PER_SM * _multiprocessors(device), num_seqs * kv_heads)
 
 
@@ -163,22 +183,20 @@ def decode(
     K = k_pool.shape[1]
     assert S == batch.num_seqs and H % K == 0 and k_pool.stride(2) == 1 and q.stride(2) == 1
     rep = H // K
-    splits = splits or splits_for(S, K, q.device)
+    splits = splits or splits_for(S, K, q.device, window, min_split)
     out = torch.empty_like(q)
-    ml = acc = out
+    ml = acc = tickets = out
     if splits > 1:
+        assert S * K <= TICKETS
         ml = torch.empty(S, H, splits, 2, dtype=torch.float32, device=q.device)
         acc = torch.empty(S, H, splits, D, dtype=torch.float32, device=q.device)
+        tickets = _tickets(q.device)
     tables = batch.block_tables
     _decode_kernel[(S, K, splits)](
-        q, k_pool, v_pool, sinks, tables, batch.seq_lens, out, ml, acc, window or 0, float(scale), min_split,
+        q, k_pool, v_pool, sinks, tables, batch.seq_lens, out, ml, acc, tickets, window or 0, float(scale), min_split,
         q.stride(0), q.stride(1), k_pool.stride(0), k_pool.stride(1), tables.stride(0),
         REP=rep, D=D, BLOCK_R=max(16, triton.next_power_of_2(rep)), BLOCK_D=max(16, triton.next_power_of_2(D)),
-        BLOCK_T=BLOCK_T, PAGE=BLOCK_TOKENS, HAS_WINDOW=window is not None, ONE_SPLIT=splits == 1,
+        BLOCK_T=BLOCK_T, PAGE=BLOCK_TOKENS, HAS_WINDOW=window is not None, ONE_SPLIT=splits == 1, CHUNK=MERGE_CHUNK,
         PRECISION="ieee" if q.dtype == torch.float32 else "tf32", **launch_args(q.device),
     )  # fmt: skip
-    if splits > 1:
-        _combine_kernel[(S, H)](ml, acc, out, splits, q.stride(0), q.stride(1), D=D,
-                                BLOCK_D=triton.next_power_of_2(D), BLOCK_S=triton.next_power_of_2(splits),
-                                **launch_args(q.device))  # fmt: skip
     return out

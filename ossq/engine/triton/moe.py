@@ -4,12 +4,15 @@ The router runs as a linear (quantized GEMV when quantized), top-k and the softm
 device (fused.route), and two kernels read only the selected experts' packed bytes, indexing the expert
 stacks with the device-side expert ids:
 
-- `_gate_up_kernel`, grid (I tiles, N·k pairs): for pair (token t, expert e) both gate and up rows of
-  expert e times x[t], biases added, then the clamped SwiGLU
-  `min(g, limit)·σ(alpha·min(g, limit))·(clamp(u, −limit, limit) + 1)` → act (N·k, I) float32;
-- `_down_kernel`, grid (C tiles, N tokens): for each of the token's k pairs the down rows of its expert
-  times act, plus the down bias, weighted by the routing weight and summed — the sum over k is fused, so
-  the output is written once, in x's dtype.
+- `_gate_up_kernel`, grid (I tiles, N·k pairs): for pair (token t, expert e) the gate and up rows of
+  expert e times x[t] in one K loop (x loaded and rounded once a step for both, both matrices' next words
+  in flight together: the one-token step is bound by loads in flight, not bytes), biases added, then the
+  clamped SwiGLU `min(g, limit)·σ(alpha·min(g, limit))·(clamp(u, −limit, limit) + 1)` → act (N·k, I)
+  float32;
+- `_down_kernel`, grid (C tiles, N·k pairs): the pair's down rows times its act row, plus the down bias,
+  times the routing weight, written as one of the token's k float32 partials; the last of the token's
+  pairs to finish a tile sums the k partials in slot order (qmm's split-K epilogue) and writes the output
+  once, in x's dtype. One program per pair rather than per token gives the GPU k times the programs.
 
 Each pair reads its own expert's matrices (as TorchOps' gathered path does), which is right while pairs
 are few (decode); larger steps take `grouped_experts`.
@@ -43,7 +46,16 @@ import triton.language as tl
 from torch import Tensor
 
 from ossq.engine.triton.launch import launch_args, wait_for_inputs
-from ossq.engine.triton.qmm import _row_matvec, _step, check_layout, int_dot_mode
+from ossq.engine.triton.qmm import (
+    TICKETS,
+    _epilogue,
+    _row_matvec,
+    _row_matvecs,
+    _step,
+    _tickets,
+    check_layout,
+    int_dot_mode,
+)
 
 
 @triton.jit
@@ -61,10 +73,9 @@ def _gate_up_kernel(x_ptr, idx_ptr, gw, gs, gb, gbias, uw, us, ub, ubias, act_pt
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         n_mask = offs_n < I
         w_off, s_off = expert * stride_we, expert * stride_se
-        g = _row_matvec(x_row, gw + w_off, gs + s_off, gb + s_off, offs_n, n_mask, 0, K, stride_wn, stride_sn,
-                        BITS, G, MXFP4, BLOCK_N, BLOCK_K, MAGIC, INT_DOT)  # fmt: skip
-        u = _row_matvec(x_row, uw + w_off, us + s_off, ub + s_off, offs_n, n_mask, 0, K, stride_wn, stride_sn,
-                        BITS, G, MXFP4, BLOCK_N, BLOCK_K, MAGIC, INT_DOT)  # fmt: skip
+        g, u = _row_matvecs(x_row, gw + w_off, gs + s_off, gb + s_off, uw + w_off, us + s_off, ub + s_off, offs_n,
+                            n_mask, 0, K, stride_wn, stride_sn, BITS, G, MXFP4, BLOCK_N, BLOCK_K, MAGIC, INT_DOT,
+                            True)  # fmt: skip
         if HAS_BIAS:
             g += tl.load(gbias + expert * stride_bias_e + offs_n, mask=n_mask, other=0).to(tl.float32)
             u += tl.load(ubias + expert * stride_bias_e + offs_n, mask=n_mask, other=0).to(tl.float32)
@@ -75,27 +86,32 @@ def _gate_up_kernel(x_ptr, idx_ptr, gw, gs, gb, gbias, uw, us, ub, ubias, act_pt
 
 
 @triton.jit
-def _down_kernel(act_ptr, idx_ptr, route_ptr, dw, ds, db, dbias, out_ptr, C, I, stride_we, stride_wn, stride_se,
-                 stride_sn, stride_bias_e, stride_om, TOP_K: tl.constexpr, BITS: tl.constexpr, G: tl.constexpr,
-                 MXFP4: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                 MAGIC: tl.constexpr, INT_DOT: tl.constexpr, PDL: tl.constexpr):  # fmt: skip
+def _down_kernel(act_ptr, idx_ptr, route_ptr, dw, ds, db, dbias, out_ptr, part_ptr, ticket_ptr, T, C, I,
+                      stride_we, stride_wn, stride_se, stride_sn, stride_bias_e, stride_om, TOP_K: tl.constexpr,
+                      BITS: tl.constexpr, G: tl.constexpr, MXFP4: tl.constexpr, HAS_BIAS: tl.constexpr,
+                      BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, MAGIC: tl.constexpr, INT_DOT: tl.constexpr,
+                      PDL: tl.constexpr):  # fmt: skip
+    """Grid (C tiles, T·k pairs): one pair's down rows times its act row, plus the bias, times the routing
+    weight, as the k-th split of the token's output tile (qmm's split-K epilogue: the last of the token's
+    pairs to arrive sums the k partials in slot order)."""
     wait_for_inputs(PDL)
     pid_n = tl.program_id(0)
-    token = tl.program_id(1)
+    pair = tl.program_id(1)
+    token = pair // TOP_K
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = offs_n < C
-    out = tl.zeros((BLOCK_N,), tl.float32)
-    for j in tl.static_range(TOP_K):
-        pair = token * TOP_K + j
-        expert = tl.load(idx_ptr + pair).to(tl.int64)
-        if expert >= 0:
-            w_off, s_off = expert * stride_we, expert * stride_se
-            y = _row_matvec(act_ptr + pair.to(tl.int64) * I, dw + w_off, ds + s_off, db + s_off, offs_n, n_mask,
-                            0, I, stride_wn, stride_sn, BITS, G, MXFP4, BLOCK_N, BLOCK_K, MAGIC, INT_DOT)  # fmt: skip
-            if HAS_BIAS:
-                y += tl.load(dbias + expert * stride_bias_e + offs_n, mask=n_mask, other=0).to(tl.float32)
-            out += tl.load(route_ptr + pair) * y
-    tl.store(out_ptr + token.to(tl.int64) * stride_om + offs_n, out.to(out_ptr.dtype.element_ty), mask=n_mask)
+    expert = tl.load(idx_ptr + pair).to(tl.int64)
+    y = tl.zeros((BLOCK_N,), tl.float32)
+    if expert >= 0:  # −1: another rank's expert, which adds nothing (but still takes its ticket)
+        w_off, s_off = expert * stride_we, expert * stride_se
+        y = _row_matvec(act_ptr + pair.to(tl.int64) * I, dw + w_off, ds + s_off, db + s_off, offs_n, n_mask, 0, I,
+                        stride_wn, stride_sn, BITS, G, MXFP4, BLOCK_N, BLOCK_K, MAGIC, INT_DOT)  # fmt: skip
+        if HAS_BIAS:
+            y += tl.load(dbias + expert * stride_bias_e + offs_n, mask=n_mask, other=0).to(tl.float32)
+        y *= tl.load(route_ptr + pair)
+    offs_m = token + tl.arange(0, 1)
+    _epilogue(y[None, :], offs_m, offs_n, n_mask[None, :], out_ptr, part_ptr, ticket_ptr, out_ptr,
+              token * tl.num_programs(0) + pid_n, pair % TOP_K, TOP_K, T, C, stride_om, False, False)  # fmt: skip
 
 
 def _stack_args(lin, k: int) -> tuple:
@@ -147,9 +163,12 @@ def experts(
     out = torch.empty_like(x)
     dw, ds, db, dbias = _stack_args(down, I)
     bk = max(min(block_k, triton.next_power_of_2(I)), down.spec.group_size)
-    _down_kernel[(triton.cdiv(C, block_n), N)](
-        act, idx, route, dw, ds, db, dbias, out, C, I, dw.stride(0), dw.stride(1), ds.stride(0), ds.stride(1),
-        dbias.stride(0), out.stride(0),
+    c_tiles = triton.cdiv(C, block_n)
+    assert N * c_tiles <= TICKETS, "a decode-sized step: its output tiles need an arrival counter each"
+    part = torch.empty(k, N, C, dtype=torch.float32, device=x.device)
+    _down_kernel[(c_tiles, N * k)](
+        act, idx, route, dw, ds, db, dbias, out, part, _tickets(x.device), N, C, I, dw.stride(0), dw.stride(1),
+        ds.stride(0), ds.stride(1), dbias.stride(0), out.stride(0),
         TOP_K=k, BITS=down.spec.bits, G=down.spec.group_size, MXFP4=down.spec.mode == "mxfp4",
         HAS_BIAS=down.bias is not None, BLOCK_N=block_n, BLOCK_K=bk, MAGIC=magic,
         INT_DOT=int_dot_mode(int_dot, x.dtype, down.spec, x.device), num_warps=num_warps, **launch_args(x.device),

@@ -354,10 +354,47 @@ def _e2m1_bytes(h):
 
 
 @triton.jit
-def _row_matvec(x_ptr, w_ptr, s_ptr, b_ptr, offs_n, n_mask, k_start, k_end, stride_wn, stride_sn,
-                BITS: tl.constexpr, G: tl.constexpr, MXFP4: tl.constexpr, BLOCK_N: tl.constexpr,
-                BLOCK_K: tl.constexpr, MAGIC: tl.constexpr, INT_DOT: tl.constexpr):  # fmt: skip
-    """(BLOCK_N,) float32: rows offs_n of W (from the stored layout) times x[k_start:k_end].
+def _word_step(w, s, b, x, x0, x1, x2, x3, dx, BITS: tl.constexpr, G: tl.constexpr, MXFP4: tl.constexpr,
+               MAGIC: tl.constexpr, INT_DOT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):  # fmt: skip
+    """One K step of whole-code words w (BN, W) with their raw scales s and biases b against x (NGT, G)
+    (and, with INT_DOT, its int16 pairs x0 … x3 and steps dx of _x_int16): the per-word sums (BN, NGT,
+    G/P) and the integer dot's bias·Σx per group (BN, NGT), which the float paths fold into the former."""
+    P: tl.constexpr = 32 // BITS
+    NGT: tl.constexpr = BLOCK_K // G
+    acc_b = tl.zeros((BLOCK_N, NGT), tl.float32)
+    if INT_DOT != 0:
+        dots = _word_idot(w, x0, x1, x2, x3, BITS, MXFP4, INT_DOT)
+        if MXFP4:
+            f = _e8m0(s) * (0.5 * dx)[None, :]  # the codes are 2·E2M1
+        else:
+            f = s.to(tl.float32) * dx[None, :]
+            acc_b = b.to(tl.float32) * tl.sum(x, 1)[None, :]
+        part = tl.reshape(dots.to(tl.float32), (BLOCK_N, NGT, G // P)) * f[:, :, None]
+    elif MXFP4 and MAGIC:
+        part = _e2m1_word_dot(w, s, x, G, BLOCK_N, BLOCK_K)
+    else:
+        v, scale, bias = _values(_spread(w, BITS, BLOCK_N, BLOCK_K), s, b, BITS, G, MXFP4, MAGIC, BLOCK_N, BLOCK_K)
+        part = _word_dot(v, scale, bias, x, P, MXFP4)
+    return part, acc_b
+
+
+@triton.jit
+def _word_total(acc, acc_b, MXFP4: tl.constexpr, MAGIC: tl.constexpr, INT_DOT: tl.constexpr):
+    """(BN,) float32: the K loop's per-word sums and bias terms summed, unscaled (_e2m1_word_dot's 2^62)."""
+    total = tl.sum(tl.sum(acc, 2), 1) + tl.sum(acc_b, 1)
+    if MXFP4 and MAGIC and INT_DOT == 0:
+        total *= 4.611686018427388e18  # 2^62
+    return total
+
+
+@triton.jit
+def _row_matvecs(x_ptr, w_ptr, s_ptr, b_ptr, w2_ptr, s2_ptr, b2_ptr, offs_n, n_mask, k_start, k_end, stride_wn,
+                 stride_sn, BITS: tl.constexpr, G: tl.constexpr, MXFP4: tl.constexpr, BLOCK_N: tl.constexpr,
+                 BLOCK_K: tl.constexpr, MAGIC: tl.constexpr, INT_DOT: tl.constexpr, TWO: tl.constexpr):  # fmt: skip
+    """(BLOCK_N,) float32 twice: rows offs_n of W (from the stored layout) times x[k_start:k_end], and with
+    TWO the same rows of a second matrix W2 stored alike (the MoE's gate and up) in the same K loop — x
+    loaded and rounded once a step for both, both matrices' next words in flight together; without TWO
+    the second is zeros.
 
     INT_DOT (1: emulated, 2: dp2a; bits 4 and 8, MXFP4): x is rounded to int16 per group at each step
     (_x_int16) and each word's codes meet it in integer dot products, about one instruction a weight
@@ -367,42 +404,64 @@ def _row_matvec(x_ptr, w_ptr, s_ptr, b_ptr, offs_n, n_mask, k_start, k_end, stri
         P: tl.constexpr = 32 // BITS
         NGT: tl.constexpr = BLOCK_K // G
         acc = tl.zeros((BLOCK_N, NGT, G // P), tl.float32)
-        acc_b = tl.zeros((BLOCK_N, NGT), tl.float32)  # the integer dot's bias·Σx
+        acc_b = tl.zeros((BLOCK_N, NGT), tl.float32)
+        acc2 = tl.zeros((BLOCK_N, NGT, G // P), tl.float32)
+        acc2_b = tl.zeros((BLOCK_N, NGT), tl.float32)
         # a register double buffer: the next step's words and scales are requested before this step's
         # arithmetic, so each program keeps two steps of loads in flight
         w = _words(w_ptr, offs_n, n_mask, k_start, k_end, stride_wn, BITS, G, BLOCK_K)
         s, b = _scales(s_ptr, b_ptr, offs_n, n_mask, k_start, k_end, stride_sn, G, MXFP4, BLOCK_K)
+        w2, s2, b2 = w, s, b
+        if TWO:
+            w2 = _words(w2_ptr, offs_n, n_mask, k_start, k_end, stride_wn, BITS, G, BLOCK_K)
+            s2, b2 = _scales(s2_ptr, b2_ptr, offs_n, n_mask, k_start, k_end, stride_sn, G, MXFP4, BLOCK_K)
         for k0 in range(k_start, k_end, BLOCK_K):
             w_next = _words(w_ptr, offs_n, n_mask, k0 + BLOCK_K, k_end, stride_wn, BITS, G, BLOCK_K)
             s_next, b_next = _scales(s_ptr, b_ptr, offs_n, n_mask, k0 + BLOCK_K, k_end, stride_sn, G, MXFP4, BLOCK_K)
+            w2_next, s2_next, b2_next = w_next, s_next, b_next
+            if TWO:
+                w2_next = _words(w2_ptr, offs_n, n_mask, k0 + BLOCK_K, k_end, stride_wn, BITS, G, BLOCK_K)
+                s2_next, b2_next = _scales(s2_ptr, b2_ptr, offs_n, n_mask, k0 + BLOCK_K, k_end, stride_sn, G, MXFP4,
+                                           BLOCK_K)  # fmt: skip
             x = _x_tile(x_ptr, k0, k_end, G, BLOCK_K)
+            x0, x1, x2, x3, dx = x, x, x, x, x  # placeholders: only the integer dots read them
             if INT_DOT != 0:
                 x0, x1, x2, x3, dx = _x_int16(x, G, BLOCK_K, P, BITS == 4 and not MXFP4)
-                dots = _word_idot(w, x0, x1, x2, x3, BITS, MXFP4, INT_DOT)
-                if MXFP4:
-                    f = _e8m0(s) * (0.5 * dx)[None, :]  # the codes are 2·E2M1
-                else:
-                    f = s.to(tl.float32) * dx[None, :]
-                    acc_b += b.to(tl.float32) * tl.sum(x, 1)[None, :]
-                acc += tl.reshape(dots.to(tl.float32), (BLOCK_N, NGT, G // P)) * f[:, :, None]
-            elif MXFP4 and MAGIC:
-                acc += _e2m1_word_dot(w, s, x, G, BLOCK_N, BLOCK_K)
-            else:
-                v, scale, bias = _values(_spread(w, BITS, BLOCK_N, BLOCK_K), s, b, BITS, G, MXFP4, MAGIC, BLOCK_N,
-                                         BLOCK_K)  # fmt: skip
-                acc += _word_dot(v, scale, bias, x, P, MXFP4)
+            part, part_b = _word_step(w, s, b, x, x0, x1, x2, x3, dx, BITS, G, MXFP4, MAGIC, INT_DOT, BLOCK_N,
+                                      BLOCK_K)  # fmt: skip
+            acc += part
+            acc_b += part_b
+            if TWO:
+                part, part_b = _word_step(w2, s2, b2, x, x0, x1, x2, x3, dx, BITS, G, MXFP4, MAGIC, INT_DOT, BLOCK_N,
+                                          BLOCK_K)  # fmt: skip
+                acc2 += part
+                acc2_b += part_b
             w, s, b = w_next, s_next, b_next
-        total = tl.sum(tl.sum(acc, 2), 1) + tl.sum(acc_b, 1)
-        if MXFP4 and MAGIC and INT_DOT == 0:
-            total *= 4.611686018427388e18  # 2^62 (_e2m1_word_dot)
-        return total
+            w2, s2, b2 = w2_next, s2_next, b2_next
+        return _word_total(acc, acc_b, MXFP4, MAGIC, INT_DOT), _word_total(acc2, acc2_b, MXFP4, MAGIC, INT_DOT)
     else:
         acc = tl.zeros((BLOCK_N,), tl.float32)
+        acc2 = tl.zeros((BLOCK_N,), tl.float32)
         for k0 in range(k_start, k_end, BLOCK_K):
+            x = _x_tile(x_ptr, k0, k_end, G, BLOCK_K)
             v, scale, bias = _step(w_ptr, s_ptr, b_ptr, offs_n, n_mask, k0, k_end, stride_wn, stride_sn, BITS, G,
                                    MXFP4, MAGIC, BLOCK_N, BLOCK_K)  # fmt: skip
-            acc += _row_dot(v, scale, bias, _x_tile(x_ptr, k0, k_end, G, BLOCK_K), MXFP4)
-        return acc
+            acc += _row_dot(v, scale, bias, x, MXFP4)
+            if TWO:
+                v, scale, bias = _step(w2_ptr, s2_ptr, b2_ptr, offs_n, n_mask, k0, k_end, stride_wn, stride_sn, BITS,
+                                       G, MXFP4, MAGIC, BLOCK_N, BLOCK_K)  # fmt: skip
+                acc2 += _row_dot(v, scale, bias, x, MXFP4)
+        return acc, acc2
+
+
+@triton.jit
+def _row_matvec(x_ptr, w_ptr, s_ptr, b_ptr, offs_n, n_mask, k_start, k_end, stride_wn, stride_sn,
+                BITS: tl.constexpr, G: tl.constexpr, MXFP4: tl.constexpr, BLOCK_N: tl.constexpr,
+                BLOCK_K: tl.constexpr, MAGIC: tl.constexpr, INT_DOT: tl.constexpr):  # fmt: skip
+    """(BLOCK_N,) float32: rows offs_n of W times x[k_start:k_end] (_row_matvecs with one matrix)."""
+    acc, _ = _row_matvecs(x_ptr, w_ptr, s_ptr, b_ptr, w_ptr, s_ptr, b_ptr, offs_n, n_mask, k_start, k_end,
+                          stride_wn, stride_sn, BITS, G, MXFP4, BLOCK_N, BLOCK_K, MAGIC, INT_DOT, False)  # fmt: skip
+    return acc
 
 
 @triton.jit
