@@ -86,11 +86,10 @@ def _gate_up_kernel(x_ptr, idx_ptr, gw, gs, gb, gbias, uw, us, ub, ubias, act_pt
 
 
 @triton.jit
-def _down_kernel(act_ptr, idx_ptr, route_ptr, dw, ds, db, dbias, out_ptr, part_ptr, ticket_ptr, T, C, I,
-                      stride_we, stride_wn, stride_se, stride_sn, stride_bias_e, stride_om, TOP_K: tl.constexpr,
-                      BITS: tl.constexpr, G: tl.constexpr, MXFP4: tl.constexpr, HAS_BIAS: tl.constexpr,
-                      BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, MAGIC: tl.constexpr, INT_DOT: tl.constexpr,
-                      PDL: tl.constexpr):  # fmt: skip
+def _down_kernel(act_ptr, idx_ptr, route_ptr, dw, ds, db, dbias, out_ptr, part_ptr, ticket_ptr, T, C, I, stride_we,
+                 stride_wn, stride_se, stride_sn, stride_bias_e, stride_om, TOP_K: tl.constexpr, BITS: tl.constexpr,
+                 G: tl.constexpr, MXFP4: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr,
+                 BLOCK_K: tl.constexpr, MAGIC: tl.constexpr, INT_DOT: tl.constexpr, PDL: tl.constexpr):  # fmt: skip
     """Grid (C tiles, T·k pairs): one pair's down rows times its act row, plus the bias, times the routing
     weight, as the k-th split of the token's output tile (qmm's split-K epilogue: the last of the token's
     pairs to arrive sums the k partials in slot order)."""
