@@ -311,6 +311,11 @@ def gemv_rows(log: Log) -> None:
 # ----------------------------------------------------------------------------------------------- MoE
 
 
+def linear_then_route(x, router, top_k: int):
+    """The routing as two launches, the router linear then fused.route: what moe.route fuses."""
+    return fused.route(TritonOps().linear(x, router), top_k)
+
+
 def moe_bench(log: Log) -> None:
     (E, C, I), top_k = MOE_DIMS, 4
     print("\n| experts | tokens | what | µs Triton | µs reference (whole MoE) | selected-expert MB | GB/s | err |")
@@ -341,6 +346,10 @@ def moe_bench(log: Log) -> None:
                                 "bytes": read, "err": e})  # fmt: skip
                 print(f"| {name} | {tokens} | experts {tiles} | {us:.1f} | {ref_us:.1f} | {read / 1e6:.1f} | "
                       f"{read / us / 1e3:.0f} | {e:.1e} |")  # fmt: skip
+            two = graph_us([partial(linear_then_route, x, mlp.router, top_k) for mlp in layers])
+            one = graph_us([partial(moe.route, x, mlp.router, top_k) for mlp in layers])
+            log.put("route", {"experts": name, "tokens": tokens, "linear_then_route_us": two, "fused_us": one})
+            print(f"| {name} | {tokens} | routing: router linear + top-k / fused | {two:.1f} / {one:.1f} | | | | |")
             us = graph_us([partial(TritonOps().moe, x, mlp, **kw) for mlp in layers])
             log.put("moe", {"experts": name, "tokens": tokens, "tiles": "default, with router", "us": us,
                             "ref_us": ref_us, "bytes": read, "err": err})  # fmt: skip

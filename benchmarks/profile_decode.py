@@ -6,13 +6,17 @@ outside the kernels, eager and graph-replayed.
 It prints (and writes as JSON) four figures per step — the engine step with graphs (what a user gets),
 one bare graph replay timed by CUDA events (the GPU's own time), the eager step, and the sum of the
 kernels the profiler saw in eager steps — then the kernels by total time, with the bytes the step reads
-at the measured copy bandwidth as the floor they are measured against.
+at the measured copy bandwidth as the floor they are measured against, and where the host's time goes in
+graphed steps (cProfile's functions by their own time; the wait for the sampled token shows as the
+event's `synchronize`): what the engine step costs beyond the replay.
 """
 
 from __future__ import annotations
 
 import argparse
+import cProfile
 import json
+import pstats
 import time
 from collections import defaultdict
 
@@ -74,6 +78,22 @@ def _kernels(engine: Engine, steps: int) -> dict[str, dict[str, float]]:
     }
 
 
+def _host(engine: Engine, steps: int, top: int = 25) -> list[dict[str, float | str]]:
+    profiler = cProfile.Profile()
+    profiler.enable()
+    for _ in range(steps):
+        engine.step()
+    torch.cuda.synchronize()
+    profiler.disable()
+    stats = pstats.Stats(profiler).stats  # (file, line, name) → (calls, primitive calls, own s, cumulative s, …)
+    rows = sorted(stats.items(), key=lambda kv: -kv[1][2])[:top]
+    return [
+        {"function": f"{name} ({file.rsplit('/', 1)[-1]}:{line})", "calls_per_step": calls / steps,
+         "own_us_per_step": own / steps * 1e6, "cumulative_us_per_step": cum / steps * 1e6}
+        for (file, line, name), (_, calls, own, cum, _) in rows
+    ]  # fmt: skip
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("-m", "--model", required=True)
@@ -87,6 +107,7 @@ def main() -> None:
         graphed, _ = _decoding_engine(model, args.context, graphs=True)
         _step_ms(graphed, 5)
         result = {"graph_step_ms": _step_ms(graphed, args.steps), "graph_replay_ms": _replay_ms(graphed, args.steps)}
+        host = _host(graphed, args.steps)
         del graphed
         eager, _ = _decoding_engine(model, args.context, graphs=False)
         _step_ms(eager, 5)
@@ -99,12 +120,17 @@ def main() -> None:
     result["copy_bandwidth_gbps"] = gbps
     result["bandwidth_floor_ms"] = result["bytes_per_token"] / (gbps * 1e9) * 1e3
     result["kernels"] = kernels
+    result["host"] = host
     for key, value in result.items():
-        if key != "kernels":
+        if key not in ("kernels", "host"):
             print(f"{key:>22}: {value:.4g}" if isinstance(value, float) else f"{key:>22}: {value}")
     print(f"{'us/step':>10} {'launches':>9}  kernel")
     for name, k in list(kernels.items())[:30]:
         print(f"{k['us_per_step']:10.1f} {k['launches_per_step']:9.1f}  {name[:110]}")
+    print(f"{'own us':>8} {'cum us':>8} {'calls':>6}  host function (graphed steps, per step)")
+    for h in host:
+        own, cum, calls = h["own_us_per_step"], h["cumulative_us_per_step"], h["calls_per_step"]
+        print(f"{own:8.1f} {cum:8.1f} {calls:6.1f}  {h['function']}")
     if args.json_path:
         with open(args.json_path, "w") as f:
             json.dump(result, f, indent=2)

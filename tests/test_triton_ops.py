@@ -211,6 +211,31 @@ def test_route_picks_the_top_k_and_softmaxes_them(experts, top_k):
     assert rel_err(weights, torch.softmax(top_v.float(), dim=-1)) < 1e-6
 
 
+@pytest.mark.parametrize(
+    "spec, experts, top_k, tokens, bias",
+    [
+        (QuantSpec(8, 64), 32, 4, 1, True),  # the 20b's router, one decode token
+        (QuantSpec(6, 32), 6, 2, 3, False),  # straddling codes, no bias
+        (QuantSpec(4, 32, "mxfp4"), 128, 4, 2, True),
+        (QuantSpec(3, 32), 5, 3, 1, True),
+    ],
+    ids=["8b-g64", "6b-g32", "mxfp4", "3b-g32"],
+)
+def test_router_gemv_routes_as_the_router_linear_then_top_k(spec, experts, top_k, tokens, bias):
+    # hidden 192 in K steps of 128: two splits per token, the last one half masked
+    router = quantized(spec, (), experts, 192, bias=bias, seed=experts)
+    x = activations(tokens, 192, seed=tokens)
+    ids, weights = moe.route(x, router, top_k, block_k=128)
+    logits = REF.linear(x.float(), as_float(router))
+    top_v, top_i = torch.topk(logits, top_k, dim=-1)
+    chosen = logits.gather(-1, ids)
+    if CUDA:  # bfloat16 logits: a near tie may go either way, but only between logits that close
+        assert (chosen - top_v).abs().max() < 0.02 * top_v.abs().max()
+    else:
+        assert torch.equal(ids, top_i)
+    assert rel_err(weights, torch.softmax(chosen, dim=-1)) < TOL
+
+
 def test_prepare_stacks_q_k_v_into_one_weight_held_once():
     source, ops = random_model(small_config(num_hidden_layers=1)), TritonOps()
     model = quantized_model(source, e2e_specs(source), ops)

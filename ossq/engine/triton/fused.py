@@ -113,14 +113,11 @@ def rope_and_store(
 
 
 @triton.jit
-def _route_kernel(logits_ptr, ids_ptr, weights_ptr, E, stride_l, TOP_K: tl.constexpr, BLOCK_E: tl.constexpr,
-                  BLOCK_K: tl.constexpr, PDL: tl.constexpr):  # fmt: skip
-    """One token: the TOP_K largest router logits (ties to the lower expert id), softmax over them."""
-    wait_for_inputs(PDL)
-    t = tl.program_id(0).to(tl.int64)
+def _top_k(vals, ids_ptr, weights_ptr, TOP_K: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr):
+    """One token's float32 router logits (BLOCK_E,), −inf past the experts → its TOP_K largest (ties to the
+    lower expert id) to ids_ptr, the softmax over them to weights_ptr."""
     offs = tl.arange(0, BLOCK_E)
     offs_k = tl.arange(0, BLOCK_K)
-    vals = tl.load(logits_ptr + t * stride_l + offs, mask=offs < E, other=float("-inf")).to(tl.float32)
     top = tl.max(vals, 0)
     ids = tl.zeros((BLOCK_K,), tl.int64)
     p = tl.zeros((BLOCK_K,), tl.float32)
@@ -131,8 +128,19 @@ def _route_kernel(logits_ptr, ids_ptr, weights_ptr, E, stride_l, TOP_K: tl.const
         p = tl.where(offs_k == j, tl.exp(m - top), p)
         vals = tl.where(offs == e, float("-inf"), vals)
     k_mask = offs_k < TOP_K
-    tl.store(ids_ptr + t * TOP_K + offs_k, ids, mask=k_mask)
-    tl.store(weights_ptr + t * TOP_K + offs_k, p / tl.sum(p, 0), mask=k_mask)
+    tl.store(ids_ptr + offs_k, ids, mask=k_mask)
+    tl.store(weights_ptr + offs_k, p / tl.sum(p, 0), mask=k_mask)
+
+
+@triton.jit
+def _route_kernel(logits_ptr, ids_ptr, weights_ptr, E, stride_l, TOP_K: tl.constexpr, BLOCK_E: tl.constexpr,
+                  BLOCK_K: tl.constexpr, PDL: tl.constexpr):  # fmt: skip
+    """One token: the TOP_K largest router logits, softmax over them (_top_k)."""
+    wait_for_inputs(PDL)
+    t = tl.program_id(0).to(tl.int64)
+    offs = tl.arange(0, BLOCK_E)
+    vals = tl.load(logits_ptr + t * stride_l + offs, mask=offs < E, other=float("-inf")).to(tl.float32)
+    _top_k(vals, ids_ptr + t * TOP_K, weights_ptr + t * TOP_K, TOP_K, BLOCK_E, BLOCK_K)
 
 
 def route(logits: Tensor, top_k: int) -> tuple[Tensor, Tensor]:

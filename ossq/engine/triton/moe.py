@@ -1,8 +1,11 @@
 """The mixture of experts for decode-sized steps, with no host synchronisation (formats.md §4.7 g–i).
 
-The router runs as a linear (quantized GEMV when quantized), top-k and the softmax over the k stay on the
-device (fused.route), and two kernels read only the selected experts' packed bytes, indexing the expert
-stacks with the device-side expert ids:
+A quantized router is one launch, `route` (`_router_kernel`, grid (N, K splits)): each program takes the
+router logits over one K split, and the last of a token's splits to arrive sums them (qmm's split-K
+epilogue), rounds them as the router linear's output is rounded and picks the top k with their softmax
+(fused.route's `_top_k`); an unquantized one is a linear, then fused.route. The router is a few rows, so
+its K is the work to spread, and a token's routing is a chain of one kernel instead of two. Two kernels
+then read only the selected experts' packed bytes, indexing the expert stacks with the device-side ids:
 
 - `_gate_up_kernel`, grid (I tiles, N·k pairs): for pair (token t, expert e) the gate and up rows of
   expert e times x[t] in one K loop (x loaded and rounded once a step for both, both matrices' next words
@@ -45,17 +48,69 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from ossq.engine.triton.fused import _top_k
 from ossq.engine.triton.launch import launch_args, wait_for_inputs
 from ossq.engine.triton.qmm import (
     TICKETS,
     _epilogue,
     _row_matvec,
     _row_matvecs,
+    _split_sum,
     _step,
     _tickets,
     check_layout,
     int_dot_mode,
 )
+
+
+@triton.jit
+def _router_kernel(x_ptr, w_ptr, s_ptr, b_ptr, bias_ptr, ids_ptr, weights_ptr, part_ptr, ticket_ptr, T, E, K,
+                   k_per_split, stride_xm, stride_wn, stride_sn, TOP_K: tl.constexpr, BITS: tl.constexpr,
+                   G: tl.constexpr, MXFP4: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_E: tl.constexpr,
+                   BLOCK_K: tl.constexpr, BLOCK_TOP: tl.constexpr, MAGIC: tl.constexpr, INT_DOT: tl.constexpr,
+                   PDL: tl.constexpr):  # fmt: skip
+    """Grid (T tokens, K splits): one token's logits over one K split; the token's last split to arrive
+    adds the bias, rounds the logits to x's dtype (the router linear's output) and routes them."""
+    wait_for_inputs(PDL)
+    t = tl.program_id(0)
+    sp = tl.program_id(1)
+    offs_e = tl.arange(0, BLOCK_E)
+    e_mask = offs_e < E
+    k_start = sp * k_per_split
+    k_end = tl.minimum(k_start + k_per_split, K)
+    acc = _row_matvec(x_ptr + t.to(tl.int64) * stride_xm, w_ptr, s_ptr, b_ptr, offs_e, e_mask, k_start, k_end,
+                      stride_wn, stride_sn, BITS, G, MXFP4, BLOCK_E, BLOCK_K, MAGIC, INT_DOT)  # fmt: skip
+    last, logits = _split_sum(acc, t * E + offs_e, e_mask, part_ptr, ticket_ptr, t, sp, tl.num_programs(1), T * E)
+    if last:
+        if HAS_BIAS:
+            logits += tl.load(bias_ptr + offs_e, mask=e_mask, other=0).to(tl.float32)
+        logits = tl.where(e_mask, logits.to(x_ptr.dtype.element_ty).to(tl.float32), float("-inf"))
+        _top_k(logits, ids_ptr + t * TOP_K, weights_ptr + t * TOP_K, TOP_K, BLOCK_E, BLOCK_TOP)
+
+
+def route(x: Tensor, router, top_k: int, *, block_k: int = 256, int_dot: bool | None = None) -> tuple[Tensor, Tensor]:
+    """x (N, C), a quantized router (E, C) → expert ids (N, k) int64, largest logit first, and float32
+    routing weights (N, k): fused.route of the router linear's logits, in one launch of N × C/block_k
+    programs. `int_dot` as qmm.Tiles'."""
+    x = x.contiguous()
+    N, C = x.shape
+    E = router.weight.shape[0]
+    spec = router.spec
+    assert N <= TICKETS, "one arrival counter per token"
+    ids = torch.empty(N, top_k, dtype=torch.int64, device=x.device)
+    weights = torch.empty(N, top_k, dtype=torch.float32, device=x.device)
+    bk = max(min(block_k, triton.next_power_of_2(C)), spec.group_size)
+    splits = triton.cdiv(C, bk)
+    part = torch.empty(splits, N, E, dtype=torch.float32, device=x.device)
+    w, scales, biases, bias = _weight_args(router, C)
+    _router_kernel[(N, splits)](
+        x, w, scales, biases, bias, ids, weights, part, _tickets(x.device), N, E, C, bk, x.stride(0),
+        w.stride(0), scales.stride(0), TOP_K=top_k, BITS=spec.bits, G=spec.group_size,
+        MXFP4=spec.mode == "mxfp4", HAS_BIAS=router.bias is not None, BLOCK_E=triton.next_power_of_2(E),
+        BLOCK_K=bk, BLOCK_TOP=triton.next_power_of_2(top_k), MAGIC=True,
+        INT_DOT=int_dot_mode(int_dot, x.dtype, spec, x.device), **launch_args(x.device),
+    )  # fmt: skip
+    return ids, weights
 
 
 @triton.jit
@@ -113,9 +168,10 @@ def _down_kernel(act_ptr, idx_ptr, route_ptr, dw, ds, db, dbias, out_ptr, part_p
               token * tl.num_programs(0) + pid_n, pair % TOP_K, TOP_K, T, C, stride_om, False, False)  # fmt: skip
 
 
-def _stack_args(lin, k: int) -> tuple:
-    """(weight, scales, biases, bias) pointers of an expert stack, placeholders where absent."""
-    check_layout(lin.weight[0], lin.scales[0], None if lin.biases is None else lin.biases[0], lin.spec, k)
+def _weight_args(lin, k: int) -> tuple:
+    """(weight, scales, biases, bias) pointers of a quantized linear or expert stack of K-wide rows,
+    placeholders where absent."""
+    check_layout(lin.weight, lin.scales, lin.biases, lin.spec, k)
     w = lin.weight.view(torch.int32)
     biases = lin.scales if lin.biases is None else lin.biases
     bias = lin.scales if lin.bias is None else lin.bias
@@ -149,8 +205,8 @@ def experts(
     idx = top_i.reshape(-1).contiguous()
     route = route.reshape(-1).float().contiguous()
     act = torch.empty(N * k, I, dtype=torch.float32, device=x.device)
-    gw, gs, gb, gbias = _stack_args(gate, C)
-    uw, us, ub, ubias = _stack_args(up, C)
+    gw, gs, gb, gbias = _weight_args(gate, C)
+    uw, us, ub, ubias = _weight_args(up, C)
     bk = max(min(block_k, triton.next_power_of_2(C)), gate.spec.group_size)  # no K step longer than the row
     _gate_up_kernel[(triton.cdiv(I, block_n), N * k)](
         x, idx, gw, gs, gb, gbias, uw, us, ub, ubias, act, I, C, float(limit), float(alpha),
@@ -160,7 +216,7 @@ def experts(
         INT_DOT=int_dot_mode(int_dot, x.dtype, gate.spec, x.device), num_warps=num_warps, **launch_args(x.device),
     )  # fmt: skip
     out = torch.empty_like(x)
-    dw, ds, db, dbias = _stack_args(down, I)
+    dw, ds, db, dbias = _weight_args(down, I)
     bk = max(min(block_k, triton.next_power_of_2(I)), down.spec.group_size)
     c_tiles = triton.cdiv(C, block_n)
     assert N * c_tiles <= TICKETS, "a decode-sized step: its output tiles need an arrival counter each"
@@ -342,8 +398,8 @@ def grouped_experts(
     precision = "ieee" if x.dtype == torch.float32 else "tf32"
     route = route.reshape(-1).float().contiguous()
     act = torch.empty(N * k, I, dtype=x.dtype, device=x.device)
-    gw, gs, gb, gbias = _stack_args(gate, C)
-    uw, us, ub, ubias = _stack_args(up, C)
+    gw, gs, gb, gbias = _weight_args(gate, C)
+    uw, us, ub, ubias = _weight_args(up, C)
     step = max(min(bk, triton.next_power_of_2(C)), gate.spec.group_size)  # no K step longer than the row
     _grouped_gate_up_kernel[(triton.cdiv(I, bn), *grid)](
         x, pairs, block_expert, gw, gs, gb, gbias, uw, us, ub, ubias, act, N * k, E, I, C, float(limit),
@@ -355,7 +411,7 @@ def grouped_experts(
         num_stages=1 if straddle else 2,
     )  # fmt: skip
     y = (torch.zeros if partial else torch.empty)(N * k, C, dtype=torch.float32, device=x.device)  # −1: no write
-    dw, ds, db, dbias = _stack_args(down, I)
+    dw, ds, db, dbias = _weight_args(down, I)
     step = max(min(bk, triton.next_power_of_2(I)), down.spec.group_size)
     _grouped_down_kernel[(triton.cdiv(C, bn), *grid)](
         act, pairs, block_expert, route, dw, ds, db, dbias, y, N * k, E, C, I, dw.stride(0), dw.stride(1),

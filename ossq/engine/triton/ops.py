@@ -4,8 +4,9 @@ What runs where, per op:
 - `linear`: quantized weights → qmm.qmm, decoded from the stored layout (GEMV-shaped for a few rows,
   tensor-core tiles for more); unquantized weights → TorchOps (cuBLAS via F.linear).
 - `linears` (q, k, v): one qmm over the three weights, concatenated once by `prepare`.
-- `moe`: quantized experts → the router linear, fused.route (top-k and softmax), then up to
-  MOE_MAX_PAIRS (token, expert) pairs moe.experts (each pair reads its expert, GEMV-shaped), beyond it
+- `moe`: quantized experts → the routing (up to MOE_MAX_PAIRS (token, expert) pairs and a quantized
+  router: moe.route, the router GEMV with top-k and softmax in one launch; else the router linear, then
+  fused.route), then up to MOE_MAX_PAIRS pairs moe.experts (each pair reads its expert, GEMV-shaped), beyond it
   moe.grouped_experts (tokens sorted by expert on the device, each expert read once per tile of its
   tokens): all on the device, no host sync at any size. Unquantized experts → TorchOps.
 - `attention`: one query token per sequence (a pure decode step) → attention.decode over the pool;
@@ -109,11 +110,14 @@ class TritonOps(TorchOps):
         specs = (e.gate_proj.spec, e.up_proj.spec, e.down_proj.spec)
         if None in specs or specs[0] != specs[1] or x.shape[0] == 0:
             return super().moe(x, mlp, top_k=top_k, limit=limit, alpha=alpha)
-        logits = self.linear(x, mlp.router)  # (N, E)
-        top_i, weights = fused.route(logits, top_k)  # (N, k) each, on the device
-        num_experts = logits.shape[-1]
+        few = x.shape[0] * top_k <= MOE_MAX_PAIRS
+        if few and mlp.router.spec is not None:
+            top_i, weights = moe.route(x, mlp.router, top_k)  # (N, k) each, on the device, one launch
+        else:
+            top_i, weights = fused.route(self.linear(x, mlp.router), top_k)
+        num_experts = mlp.router.weight.shape[0]
         top_i, weights = local_experts(top_i, weights, e, num_experts)  # −1: another rank's expert
-        if x.shape[0] * top_k <= MOE_MAX_PAIRS:
+        if few:
             return moe.experts(x, e, top_i, weights, limit=limit, alpha=alpha)
         partial = e.down_proj.weight.shape[0] != num_experts
         return moe.grouped_experts(x, e, top_i, weights, limit=limit, alpha=alpha, partial=partial)

@@ -482,15 +482,25 @@ def _epilogue(acc, offs_m, offs_n, mask, out_ptr, part_ptr, ticket_ptr, bias_ptr
         _store(acc, offs_m, offs_n, mask, out_ptr, bias_ptr, N, stride_om, HAS_BIAS)
     else:
         rows = offs_m[:, None].to(tl.int64) * N + offs_n[None, :]
-        tl.store(part_ptr + sp.to(tl.int64) * M * N + rows, acc, mask=mask)
-        tl.debug_barrier()  # all of this program's partial is written before its ticket (acq_rel, gpu scope)
-        ticket = tl.atomic_add(ticket_ptr + tile, 1)
-        if ticket == splits - 1:
-            total = tl.zeros_like(acc)
-            for j in range(0, splits):  # .cg: read the other splits' writes from L2, never a stale L1 line
-                total += tl.load(part_ptr + j * M * N + rows, mask=mask, other=0, cache_modifier=".cg")
-            tl.atomic_xchg(ticket_ptr + tile, 0)
+        last, total = _split_sum(acc, rows, mask, part_ptr, ticket_ptr, tile, sp, splits, M * N)
+        if last:
             _store(total, offs_m, offs_n, mask, out_ptr, bias_ptr, N, stride_om, HAS_BIAS)
+
+
+@triton.jit
+def _split_sum(acc, offs, mask, part_ptr, ticket_ptr, tile, sp, splits, size):
+    """One split of a split-K product: write its float32 partial `acc` at `offs` of its `size`-long slice
+    of part_ptr, then take a ticket on the tile's counter → (whether this program arrived last, and if so
+    every split's partial summed in split order). The last resets the counter for the next launch."""
+    tl.store(part_ptr + sp.to(tl.int64) * size + offs, acc, mask=mask)
+    tl.debug_barrier()  # all of this program's partial is written before its ticket (acq_rel, gpu scope)
+    last = tl.atomic_add(ticket_ptr + tile, 1) == splits - 1
+    total = tl.zeros_like(acc)
+    if last:
+        for j in range(0, splits):  # .cg: read the other splits' writes from L2, never a stale L1 line
+            total += tl.load(part_ptr + j * size + offs, mask=mask, other=0, cache_modifier=".cg")
+        tl.atomic_xchg(ticket_ptr + tile, 0)
+    return last, total
 
 
 @triton.jit
