@@ -3,8 +3,9 @@
 #   BASE=../.snapold bash benchmarks/gpu_ab.sh     (BASE: e.g. `git archive main`; results under $OUT, or ./ab-out)
 # The CUDA tests of this tree run while a synthetic gpt-oss-20b is converted (MXFP4 experts + 4-bit g64 rest,
 # and all-affine 4-bit g64); then `ossq bench` runs each checkpoint in the base tree and in this tree,
-# alternating; then this tree's decode profile and its kernel sweep (KERNELS_ARGS, default the GEMV and MoE
-# kernels at their default tiles). Everything lands in $OUT/ab.tgz (re-packed after each phase) and the log.
+# alternating (and once more with NEW_FLAG, if set); then this tree's decode profile and its kernel sweep
+# (KERNELS_ARGS, default the GEMV and MoE kernels at their default tiles). Everything lands in $OUT/ab.tgz
+# (re-packed after each phase) and the log.
 set -uo pipefail
 source "$(dirname "$0")/gpu_env.sh" ab-out
 NEW=$PWD BASE=$(cd "${BASE:-../.snapold}" && pwd) W=${WORK:-/tmp/ossq-gpu} R=/tmp/ossq-ab
@@ -32,6 +33,7 @@ bench base "$BASE" q4-g64
 bench new "$NEW" q4-g64
 bench base2 "$BASE" mxfp4-q4
 bench new2 "$NEW" mxfp4-q4
+[ -n "${NEW_FLAG:-}" ] && bench new-flag "$NEW" mxfp4-q4 $NEW_FLAG  # e.g. NEW_FLAG=--no-overlap: a switch's share
 timeout 60 python3 benchmarks/profile_decode.py -m "$W/mxfp4-q4" --json "$R/profile-new.json" >"$R/profile-new.txt" 2>&1
 head -40 "$R/profile-new.txt"
 pack

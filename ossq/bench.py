@@ -575,6 +575,7 @@ def bench(
     kv_cache_tokens: int | None = None,
     ops: str | None = None,
     cuda_graphs: bool = True,
+    overlap: bool | None = None,
     progress: bool = True,
     json_path: str | Path | None = None,
     markdown_path: str | Path | None = None,
@@ -606,7 +607,11 @@ def bench(
     drafts = num_draft_tokens if draft_model is not None else 0  # room for the drafts past the last token
     kv_tokens = kv_cache_tokens or kv_tokens_needed(prompt_tokens, gen_tokens + drafts, lengths, sizes)
     engine = EngineConfig(
-        kv_cache_tokens=kv_tokens, max_num_seqs=max([1, *sizes]), prefix_cache=False, cuda_graphs=cuda_graphs
+        kv_cache_tokens=kv_tokens,
+        max_num_seqs=max([1, *sizes]),
+        prefix_cache=False,
+        cuda_graphs=cuda_graphs,
+        overlap=overlap,
     )
     log = console.log if console else _quiet
     job = _Job(prompt_tokens, gen_tokens, lengths, sizes, repeats, warmup, seed, dev, engine, ops, log, parallel)
@@ -623,6 +628,7 @@ def bench(
         "kv_cache_tokens": kv_tokens,
         "ops": ops or "default",
         "cuda_graphs": cuda_graphs,
+        "overlap": "default (on CUDA)" if overlap is None else overlap,
         **({"ep": parallel.world_size} if parallel.expert_only else {"tp": parallel.world_size}),
         "copy_bandwidth_gbps": copy_bandwidth_gbps(dev),
         "prompt": "seeded random ordinary-token ids",

@@ -199,6 +199,14 @@ def _add_engine(
         action="store_false",
         help="launch every decode step's kernels one by one instead of replaying CUDA graphs (for comparison)",
     )
+    p.add_argument(
+        "--no-overlap",
+        dest="overlap",
+        action="store_const",
+        const=False,
+        default=None,
+        help="book each decode step before launching the next, instead of while the device runs it (for comparison)",
+    )
 
 
 def _add_tp(p: argparse.ArgumentParser) -> None:
@@ -250,6 +258,7 @@ def _engine_config(args: argparse.Namespace):
         max_kv_size=getattr(args, "max_kv_size", None),
         prefix_cache=getattr(args, "prefix_cache", True),
         cuda_graphs=args.cuda_graphs,
+        overlap=args.overlap,
     )
 
 
@@ -1077,6 +1086,7 @@ def _bench(parallel, args: argparse.Namespace) -> int:
         kv_cache_tokens=args.kv_cache_tokens,
         ops=args.ops,
         cuda_graphs=args.cuda_graphs,
+        overlap=args.overlap,
         json_path=args.json_path,
         markdown_path=args.markdown_path,
         plot_path=args.plot_path,

@@ -268,6 +268,64 @@ def test_interleaved_streams_each_get_their_own_tokens(model):
     assert got_b == alone(model, {"prompt": b, "max_tokens": 4})["tokens"]
 
 
+OVERLAP_REQUESTS = [
+    (prompt(9 + 7 * i, seed=80 + i), 4 + 3 * (i % 4), SAMPLED if i % 3 == 0 else None) for i in range(10)
+]
+OVERLAP_ARRIVALS = [0, 0, 0, 1, 3, 3, 6, 9, 10, 14]
+
+
+def drive(model, *, overlap: bool, stops: dict[int, int], abort: tuple[int, int] | None = None, longer: int = 1,
+          **config):  # fmt: skip
+    """OVERLAP_REQUESTS (their max_tokens times `longer`) added at the calls of OVERLAP_ARRIVALS (request
+    `abort[0]` aborted before call `abort[1]`), stepped to the end → (each request's tokens, the engine)."""
+    engine = Engine(model, EngineConfig(max_num_seqs=6, overlap=overlap, **config))
+    ids, tokens, call = {}, {i: [] for i in range(len(OVERLAP_REQUESTS))}, 0
+    while call <= max(OVERLAP_ARRIVALS) or engine.has_unfinished:
+        for i, (ids_, max_tokens, params) in enumerate(OVERLAP_REQUESTS):
+            if OVERLAP_ARRIVALS[i] == call:
+                stop = [stops[i]] if i in stops else []
+                ids[engine.add_request(ids_, params, max_tokens=max_tokens * longer, stop=stop)] = i
+        if abort is not None and call == abort[1]:
+            engine.abort(next(rid for rid, i in ids.items() if i == abort[0]))
+        for out in engine.step():
+            if out.token is not None:
+                tokens[ids[out.request_id]].append(out.token)
+        call += 1
+    return tokens, engine
+
+
+@pytest.mark.parametrize(
+    "config",
+    [
+        dict(kv_cache_tokens=2048),
+        dict(kv_cache_tokens=12 * BLOCK_TOKENS, prefix_cache=False, longer=4),  # outputs that outgrow the pool
+        dict(max_kv_size=40),
+    ],
+    ids=["roomy", "preempting", "windowed"],
+)
+def test_overlapped_steps_give_the_synchronous_engines_tokens(model, config):
+    """Steps launched before the step before them is booked (forced on, on the CPU), with requests that
+    arrive mid-run, stop tokens and lengths that end requests whose next row is already launched, sampled
+    and greedy rows, a pool small enough to preempt and windows that release blocks: the same tokens as
+    the synchronous engine's, and every block back at the end."""
+    plain, _ = drive(model, overlap=False, stops={}, **config)
+    stops = {i: plain[i][2] for i in (1, 4, 5, 8) if len(plain[i]) > 3}  # requests that stop early
+    expected, _ = drive(model, overlap=False, stops=stops, **config)
+    got, engine = drive(model, overlap=True, stops=stops, **config)
+    assert got == expected
+    assert all(len(expected[i]) == plain[i].index(plain[i][2]) + 1 for i in stops)  # the stops did end them
+    assert engine.stats.overlapped > 0 and (engine.preemptions > 0) == ("longer" in config)
+    assert engine.blocks.num_used == 0
+    assert not engine.has_unfinished
+
+
+def test_an_abort_while_the_next_step_runs_changes_no_other_request(model):
+    expected, _ = drive(model, overlap=False, stops={}, kv_cache_tokens=2048, abort=(3, 5))
+    got, engine = drive(model, overlap=True, stops={}, kv_cache_tokens=2048, abort=(3, 5))
+    assert got == expected and len(got[3]) < OVERLAP_REQUESTS[3][1]
+    assert engine.stats.overlapped > 0 and not engine.has_unfinished
+
+
 class SyncProbe(TorchFunctionMode):
     """Records the torch calls that read a tensor's value back to the host."""
 

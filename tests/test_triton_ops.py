@@ -523,6 +523,31 @@ def test_graph_inputs_survive_the_allocator_reusing_freed_memory(graph_models):
 
 
 @needs_cuda
+def test_overlapped_graph_steps_give_the_synchronous_tokens(graph_models):
+    """Replayed steps launched before the one before them is booked (on by default on CUDA), fed its
+    sampled tokens on the device, with a stop token that ends a request whose next row is launched."""
+    fast, _ = graph_models
+    prompts = [[5, 9, 200, 7, 1], list(range(30, 42)), [100, 101, 102]]
+
+    def run(overlap: bool, stops: dict[int, list[int]]) -> tuple[list[list[int]], Engine]:
+        engine = Engine(fast, EngineConfig(kv_cache_tokens=256, prefix_cache=False, overlap=overlap))
+        ids = [engine.add_request(p, max_tokens=10 + 4 * i, stop=stops.get(i, [])) for i, p in enumerate(prompts)]
+        tokens: dict[int, list[int]] = {i: [] for i in ids}
+        while engine.has_unfinished:
+            for out in engine.step():
+                if out.token is not None:
+                    tokens[out.request_id].append(out.token)
+        return [tokens[i] for i in ids], engine
+
+    plain, _ = run(False, {})
+    stops = {1: [plain[1][3]]}
+    expected, _ = run(False, stops)
+    got, engine = run(True, stops)
+    assert got == expected and len(got[1]) < len(plain[1])
+    assert engine.graphs.graphs and engine.stats.overlapped > 0 and engine.blocks.num_used == 0
+
+
+@needs_cuda
 def test_the_fast_path_gives_the_reference_tokens_for_200_tokens(graph_models):
     fast, ref = graph_models
     prompt = [[3, 1, 4, 1, 5, 9, 2, 6]]  # past the 8-token window of the sliding layer, and 12 blocks

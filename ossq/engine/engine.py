@@ -7,6 +7,15 @@ lengths. A request's tokens depend only on its own prompt, parameters and seed, 
 in the batch: each row is sampled with its own parameters and counter-based noise. With a `Speculator`
 (engine/speculative.py), decoding requests also feed draft tokens, the forward verifies them, and a
 step may commit several tokens of a request.
+
+That read is where the device would wait for the host: booking a step, scheduling the next and loading
+its inputs take the host a few hundred microseconds, as long as a small model's whole decode step on
+a GPU. With `overlap` (on by default on CUDA) a step of pure decoding is followed at once by the next
+one, launched before the first is booked and fed the first's sampled tokens on the device, so the host
+books step t while the device runs step t + 1. It happens only where the next schedule is certain to
+be that step (`_launch_next`); a request that step t stops has its row of step t + 1 dropped unread
+(its key and value went to its own released, never-keyed last block), so the tokens are exactly the
+synchronous engine's.
 """
 
 from __future__ import annotations
@@ -44,7 +53,9 @@ class EngineConfig:
     """How the engine runs. `kv_cache_tokens` sizes the pool (None: engine/kv.py's default);
     `max_batch_tokens` is the step's token budget (prefill chunk); `max_kv_size` caps the keys the
     full-attention layers see, as mlx-lm's option; `cuda_graphs` replays decode steps as CUDA graphs
-    where the ops allow it (on CUDA with the Triton ops, engine/graphs.py)."""
+    where the ops allow it (on CUDA with the Triton ops, engine/graphs.py); `overlap` launches each
+    decode step before the one before it is booked (module docstring; None: on CUDA, where the device
+    runs ahead of the host)."""
 
     kv_cache_tokens: int | None = None
     max_num_seqs: int = 64
@@ -52,6 +63,7 @@ class EngineConfig:
     max_kv_size: int | None = None
     prefix_cache: bool = True
     cuda_graphs: bool = True
+    overlap: bool | None = None
 
     def __post_init__(self) -> None:
         for name in ("kv_cache_tokens", "max_kv_size"):
@@ -90,6 +102,7 @@ class EngineStats:
     steps: int = 0
     computed_tokens: int = 0  # positions run through the model (prefix-cache hits excluded)
     generated_tokens: int = 0
+    overlapped: int = 0  # steps launched before the step before them was booked (`overlap`)
     times: dict[int, RequestTimes] = field(default_factory=dict)
 
 
@@ -125,6 +138,10 @@ class Engine:
         self.scheduler = Scheduler(
             self.blocks, max_num_seqs=c.max_num_seqs, max_batch_tokens=c.max_batch_tokens, span=span
         )
+        # one rank only: under --tp/--ep the ranks must step alike, which the overlap does not promise
+        overlap = model.device.type == "cuda" if c.overlap is None else c.overlap
+        self.overlap = overlap and speculator is None and not model.parallel.active
+        self._ahead: _Launched | None = None  # a decode step launched before its predecessor was booked
         self.requests: dict[int, Request] = {}
         self.stats = EngineStats()
         self._ids = itertools.count()
@@ -215,33 +232,87 @@ class Engine:
     @torch.inference_mode()
     def step(self) -> list[StepOutput]:
         """Run one step → what happened to each request in it. Under --ep every rank steps together while
-        any has work (`peers_busy`); a rank with nothing to run lends its experts to the others' rows."""
+        any has work (`peers_busy`); a rank with nothing to run lends its experts to the others' rows.
+        With `overlap`, the decode step after this one is launched before this one is booked (module
+        docstring); its rows of requests that this booking ends are dropped when it is booked in turn."""
         if self.lockstep:
             self.peers_busy = self.model.parallel.any_rank(self.has_unfinished)
             if not self.peers_busy:
                 return []
-        scheduled = self.scheduler.schedule()
-        if not scheduled:
-            if self.lockstep:
-                self.model.idle()
-            return []
-        plan = [_Planned(req, req.num_computed, req.num_computed + n) for req, n in scheduled]
-        self.stats.steps += 1
-        if self.speculator is not None:
-            self.speculator.draft(plan, self.scheduler)
-        chunks = self._chunks(plan)
-        rows = _token_rows(chunks, self.model.device) if self.graphs else None
-        if rows is not None and self.graphs.fits(len(rows[0])):
-            logits = self.graphs.run(rows[0])  # decode, verification, a draft model's catch-up: short chunks
-            if rows[1] is not None:
-                logits = logits[rows[1]]
-        else:
-            logits = self.model(self._batch(chunks), self.kv)
-        outputs = self._book(plan, logits)
+        launched, self._ahead = self._ahead, None
+        if launched is None or not launched.live():  # (every row of a step launched ahead may have ended)
+            scheduled = self.scheduler.schedule()
+            if not scheduled:
+                if self.lockstep:
+                    self.model.idle()
+                return []
+            plan = [_Planned(req, req.num_computed, req.num_computed + n) for req, n in scheduled]
+            if self.speculator is not None:
+                self.speculator.draft(plan, self.scheduler)
+            launched = self._launch(plan, self._chunks(plan))
+        if self.overlap:
+            self._ahead = self._launch_next(launched)
+        outputs = self._book(launched)
         for out in outputs:
             if out.request_id in self._inboxes:
                 self._inboxes[out.request_id].append(out)
         return outputs
+
+    def _launch(self, plan: list[_Planned], chunks: list[SeqChunk], tokens: torch.Tensor | None = None) -> _Launched:
+        """Run the forward of a step and sample it on the device, its tokens on their way to the host.
+        `tokens`: the chunks' (one each) as a device tensor, where the host does not know them yet."""
+        self.stats.steps += 1
+        rows = _token_rows(chunks, self.model.device) if self.graphs else None
+        if rows is not None and self.graphs.fits(len(rows[0])):
+            logits = self.graphs.run(rows[0], tokens)  # decode, verification, a draft's catch-up: short chunks
+            if rows[1] is not None:
+                logits = logits[rows[1]]
+        else:
+            batch = self._batch(chunks)
+            if tokens is not None:
+                batch.tokens.copy_(tokens)
+            logits = self.model(batch, self.kv)
+        # every row of a step launched ahead samples: its request's tokens end where it starts, once booked
+        samplers = plan if tokens is not None else [p for p in plan if p.samples and not p.draft]
+        sampled = self._sample(logits, samplers, drawn=int(tokens is not None)) if samplers else None
+        return _Launched(plan, samplers, logits, sampled, _TokenRead(sampled) if samplers else None)
+
+    def _launch_next(self, launched: _Launched) -> _Launched | None:
+        """Launch the decode step that follows `launched` before its tokens reach the host, with its
+        sampled tokens as the next inputs, where the next schedule is certain to be that step: every
+        running request decodes in it (one token, no prompt chunk: a prompt's first token books at once),
+        no request waits, the blocks are free (it never preempts), and nothing of the sampling needs the
+        host (no penalty, constraint or scored logits). A request that `launched` ends by its length is
+        left out; one that its token stops is dropped at booking. → None where not certain."""
+        live = [p for p in launched.plan if p.req.finish_reason is None]
+        running = self.scheduler.running
+        if self.scheduler.waiting or len(live) != len(running) or len(live) > self.config.max_batch_tokens:
+            return None
+        for p in live:
+            r = p.req
+            if p.draft or not p.samples or p.end - p.start != 1 or r.logits_from is not None:
+                return None
+            if r.constraint is not None or r.params.repetition_penalty != 1:
+                return None
+        samplers = launched.samplers
+        index = {id(p): i for i, p in enumerate(samplers)}
+        going = [p for p in live if len(p.req.tokens) - p.req.prompt_len + 1 < p.req.max_tokens]
+        need = [blocks_for(p.end + 1) - len(p.req.blocks) for p in going]
+        if not going or sum(need) > self.blocks.num_available:
+            return None
+        for p, n in zip(going, need, strict=True):
+            p.req.blocks += self.blocks.allocate(n)
+        plan = [_Planned(p.req, p.end, p.end + 1) for p in going]
+        chunks = []
+        for i, p in enumerate(plan):
+            p.first_row, p.num_rows, p.logits_start = i, 1, p.start
+            chunks.append(SeqChunk((0,), p.start, p.req.blocks, p.start))  # token 0: replaced on the device
+        self.stats.overlapped += 1
+        rows = [index[id(p)] for p in going]
+        tokens = launched.sampled
+        if rows != list(range(len(samplers))):
+            tokens = tokens[device_tensor(rows, torch.int64, tokens.device)]
+        return self._launch(plan, chunks, tokens)
 
     def wait_for_peers(self) -> None:
         """Once this rank's requests are done: under --ep, keep stepping (serving the other ranks' rows)
@@ -251,13 +322,14 @@ class Engine:
             if not self.peers_busy:
                 return
 
-    def _book(self, plan: list[_Planned], logits: torch.Tensor) -> list[StepOutput]:
-        """Sample, commit and book a step. Requests that fed draft tokens are verified instead
-        (`_book_verified`); the others sample exactly as they would without a speculator."""
-        samplers = [p for p in plan if p.samples and not p.draft]
+    def _book(self, launched: _Launched) -> list[StepOutput]:
+        """Commit and book a launched step, skipping the rows of requests that ended since its launch.
+        Requests that fed draft tokens are verified (`_book_verified`); the others sampled exactly as they
+        would without a speculator."""
+        logits, reading, samplers = launched.logits, launched.reading, launched.samplers
+        plan = [p for p in launched.plan if p.req.finish_reason is None]
         drafted = [p for p in plan if p.draft]
-        reading = _TokenRead(self._sample(logits, samplers)) if samplers else None  # the step's one device read
-        verdicts = self.speculator.verify(logits, drafted) if drafted else []  # ... and, with drafts, a second
+        verdicts = self.speculator.verify(logits, drafted) if drafted else []  # with drafts, a second read
         for p in plan:  # the bookkeeping that needs no sampled token overlaps the read
             if not p.draft:
                 self.scheduler.commit(p.req, p.end - p.start)
@@ -348,8 +420,9 @@ class Engine:
     def _batch(self, chunks: list[SeqChunk]) -> Batch:
         return Batch.build(chunks, device=self.model.device, max_kv_size=self.config.max_kv_size)
 
-    def _sample(self, logits: torch.Tensor, plan: list[_Planned]) -> torch.Tensor:
-        """(B,) one token per request that samples, from the last of its logits rows."""
+    def _sample(self, logits: torch.Tensor, plan: list[_Planned], drawn: int = 0) -> torch.Tensor:
+        """(B,) one token per request that samples, from the last of its logits rows; `drawn`: tokens of
+        each drawn but not yet booked (the sampling counter counts them)."""
         device, reqs = logits.device, [p.req for p in plan]
 
         def tensor(values: list[int]) -> torch.Tensor:
@@ -364,7 +437,7 @@ class Engine:
             return last.argmax(-1)  # what `sample` does for greedy rows, without its per-row parameter copies
         last = logits[tensor(rows)] if last is None else last
         params = SamplingBatch.from_params([r.params for r in reqs], device)
-        seeds, counters = tensor([r.seed for r in reqs]), tensor([len(r.output) for r in reqs])
+        seeds, counters = tensor([r.seed for r in reqs]), tensor([len(r.output) + drawn for r in reqs])
         if constrained:  # the host picks these rows' tokens (a sync, in constrained steps only)
             keys = ranking_keys(last, params, seeds=seeds, counters=counters, recent=recent)
             tokens = keys.argmax(-1)
@@ -403,6 +476,21 @@ class _TokenRead:
         if self.done is not None:
             self.done.synchronize()
         return self.sampled.tolist()
+
+
+@dataclass(eq=False)
+class _Launched:
+    """A step whose forward and sampling are queued on the device: its plan, the rows that sample, its
+    logits, their sampled tokens (device) and the tokens' copy to the host."""
+
+    plan: list[_Planned]
+    samplers: list[_Planned]
+    logits: torch.Tensor
+    sampled: torch.Tensor | None
+    reading: _TokenRead | None
+
+    def live(self) -> bool:
+        return any(p.req.finish_reason is None for p in self.plan)
 
 
 @dataclass(eq=False)

@@ -22,7 +22,8 @@ needs, and where it comes from:
   and read inside it (the buffers above, the logits rows) is kept with the graph, or the allocator hands
   its memory to the next tensor and the replay reads that tensor's values as indices.
 
-Graphs share one memory pool; only one replays at a time, and its logits are read before the next.
+Graphs share one memory pool; only one replays at a time, and its logits are sampled (in stream order)
+before the next replays — also when the engine launches that next step before booking this one.
 """
 
 from __future__ import annotations
@@ -77,13 +78,16 @@ class DecodeGraphs:
     def fits(self, num_seqs: int) -> bool:
         return num_seqs <= self.max_seqs
 
-    def run(self, chunks: Sequence[SeqChunk]) -> torch.Tensor:
-        """Logits (B, V) float32 of the one token of each chunk (B = len(chunks) ≤ max_seqs)."""
+    def run(self, chunks: Sequence[SeqChunk], tokens: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits (B, V) float32 of the one token of each chunk (B = len(chunks) ≤ max_seqs); `tokens` (B,)
+        on the device replaces the chunks' tokens (the previous step's samples, not yet on the host)."""
         rows = bucket(len(chunks))
         longest = max(len(c.block_table) for c in chunks)
         width = max(MIN_TABLE_BLOCKS, 1 << (longest - 1).bit_length())
         g = self.graphs.get((rows, width)) or self._capture(rows, width)
         self._load(g, chunks)
+        if tokens is not None:
+            g.dev64[: len(chunks)].copy_(tokens)  # after the host copy, in stream order
         g.graph.replay()
         return g.logits[: len(chunks)]
 

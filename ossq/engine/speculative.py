@@ -484,7 +484,8 @@ def speculative_engine(model: GptOss, config: EngineConfig | None, spec: Specula
             )
         if config.kv_cache_tokens is None:
             config = dataclasses.replace(config, kv_cache_tokens=_shared_kv_tokens(model, spec.draft))
-        draft_engine = Engine(spec.draft, config)
+        # the drafter truncates and re-feeds its requests between steps: no step may be launched ahead
+        draft_engine = Engine(spec.draft, dataclasses.replace(config, overlap=False))
         drafter = ModelDrafter(draft_engine)
     cost = spec.verify_cost if spec.verify_cost is not None else verify_cost(model.device)
     speculator = Speculator(drafter, num_draft_tokens=spec.num_draft_tokens, adaptive=spec.adaptive, verify_cost=cost)
