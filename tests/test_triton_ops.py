@@ -236,6 +236,17 @@ def test_router_gemv_routes_as_the_router_linear_then_top_k(spec, experts, top_k
     assert rel_err(weights, torch.softmax(chosen, dim=-1)) < TOL
 
 
+@pytest.mark.parametrize("spec", SPECS, ids=spec_id)
+def test_the_embedding_decodes_only_the_gathered_rows_as_the_reference_does(spec):
+    # 50 rows of 384: a K step and a half; ids (2, 3) with a repeat and the last row, a partial row tile
+    emb = quantized(spec, (), 50, 384, bias=False, seed=spec.bits * 100 + spec.group_size)
+    ids = torch.tensor([[0, 49, 7], [7, 13, 2]], device=DEVICE)
+    out = TritonOps().embedding(ids, emb, DTYPE)
+    ref = REF.embedding(ids, emb, DTYPE)
+    assert out.shape == (2, 3, 384) and out.dtype == DTYPE
+    assert rel_err(out, ref) < (TOL if CUDA else 1e-6)
+
+
 def test_prepare_stacks_q_k_v_into_one_weight_held_once():
     source, ops = random_model(small_config(num_hidden_layers=1)), TritonOps()
     model = quantized_model(source, e2e_specs(source), ops)

@@ -11,7 +11,8 @@ What runs where, per op:
   tokens): all on the device, no host sync at any size. Unquantized experts → TorchOps.
 - `attention`: one query token per sequence (a pure decode step) → attention.decode over the pool;
   any prefill chunk in the step → prefill.prefill, flash style over the same pool.
-- `rms_norm`, `add_rms_norm`, `rope_and_store` → fused.py, one launch each; the embedding → TorchOps.
+- `rms_norm`, `add_rms_norm`, `rope_and_store` → fused.py, one launch each; a quantized embedding →
+  qmm.dequantize_rows, one launch that decodes the gathered rows (TorchOps' unpack is some twenty kernels).
 
 Codes of 3, 5 or 6 bits straddle the 32-bit words they are packed in, and decoding them costs the GEMV
 most of its speed. Where the GPU has the memory to spare, `prepare` re-packs them at 4 or 8 bits (the same
@@ -84,6 +85,12 @@ class TritonOps(TorchOps):
 
     def add_rms_norm(self, x: Tensor, delta: Tensor, weight: Tensor, eps: float) -> tuple[Tensor, Tensor]:
         return fused.rms_norm(x, weight, eps, delta)
+
+    def embedding(self, ids: Tensor, emb: QuantizedWeight, dtype: torch.dtype) -> Tensor:
+        if emb.spec is None:
+            return super().embedding(ids, emb, dtype)
+        rows = qmm.dequantize_rows(ids.reshape(-1), emb.weight, emb.scales, emb.biases, emb.spec, dtype)
+        return rows.reshape(*ids.shape, -1)
 
     def linear(self, x: Tensor, lin: QuantizedWeight) -> Tensor:
         """(…, in) → (…, out), y = x Wᵀ + b."""

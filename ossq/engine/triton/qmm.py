@@ -556,6 +556,25 @@ def _qmm_kernel(x_ptr, w_ptr, s_ptr, b_ptr, bias_ptr, out_ptr, part_ptr, ticket_
               sp, tl.num_programs(1), M, N, stride_om, HAS_BIAS, DIRECT)  # fmt: skip
 
 
+@triton.jit
+def _rows_kernel(ids_ptr, w_ptr, s_ptr, b_ptr, out_ptr, N, K, stride_wn, stride_sn, BITS: tl.constexpr,
+                 G: tl.constexpr, MXFP4: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                 PDL: tl.constexpr):  # fmt: skip
+    """Grid (N tiles, K steps): rows ids[…] of the stored weight decoded to out's dtype — scale·q + bias
+    in float32, rounded once, as affine.dequantize and mxfp4.decode compute it (so no MAGIC here)."""
+    wait_for_inputs(PDL)
+    offs = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask = offs < N
+    rows = tl.load(ids_ptr + offs, mask=mask, other=0)
+    k0 = tl.program_id(1) * BLOCK_K
+    v, scale, bias = _step(w_ptr, s_ptr, b_ptr, rows, mask, k0, K, stride_wn, stride_sn, BITS, G, MXFP4, False,
+                           BLOCK_N, BLOCK_K)  # fmt: skip
+    w = tl.reshape(v * scale[:, :, None] + bias[:, :, None], (BLOCK_N, BLOCK_K))
+    offs_k = k0 + tl.arange(0, BLOCK_K)
+    ptr = out_ptr + offs[:, None].to(tl.int64) * K + offs_k[None, :]
+    tl.store(ptr, w.to(out_ptr.dtype.element_ty), mask=mask[:, None] & (offs_k < K)[None, :])
+
+
 # ----------------------------------------------------------------------------------------------- wrappers
 
 TICKETS = 1 << 16  # split-K arrival counters per device (zero between launches: the last split resets its own)
@@ -657,4 +676,26 @@ def qmm(
     else:
         precision = "ieee" if x.dtype == torch.float32 else "tf32"
         _qmm_kernel[(n_tiles, splits, row_tiles)](*args, BLOCK_M=tiles.block_m, PRECISION=precision, **common)
+    return out
+
+
+def dequantize_rows(
+    ids: Tensor, weight: Tensor, scales: Tensor, biases: Tensor | None, spec: QuantSpec, dtype: torch.dtype
+) -> Tensor:
+    """Rows `ids` (N,) of a stored (R, K) weight, decoded → (N, K) in `dtype`, in one launch: the embedding
+    lookup, reading only the rows it gathers (engine/ops.py's `dequantize` of the same rows, in float32
+    and rounded once)."""
+    ids = ids.contiguous()
+    N = ids.shape[0]
+    K = scales.shape[-1] * spec.group_size
+    check_layout(weight, scales, biases, spec, K)
+    out = torch.empty(N, K, dtype=dtype, device=ids.device)
+    if N:
+        block_k = max(256, spec.group_size)
+        w32 = weight.view(torch.int32)
+        _rows_kernel[(triton.cdiv(N, 4), triton.cdiv(K, block_k))](
+            ids, w32, scales, scales if biases is None else biases, out, N, K, w32.stride(0), scales.stride(0),
+            BITS=spec.bits, G=spec.group_size, MXFP4=spec.mode == "mxfp4", BLOCK_N=4, BLOCK_K=block_k,
+            **launch_args(ids.device),
+        )  # fmt: skip
     return out
